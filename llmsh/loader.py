@@ -1,0 +1,109 @@
+"""Load a model by name or path into a ready-to-run bundle: config, decoder, tokenizer, defaults.
+
+This is the one place that ties the model-folder modules together; the CLI and the REPL call
+:func:`load_model` and never open model files themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run.
+
+    Attributes:
+        path: the model folder (a converted GGUF or a pulled model lives in the cache).
+        config: :class:`llmsh.config.ModelConfig`.
+        decoder: :class:`llmsh.model.Decoder`, in eval mode, on ``device`` in ``dtype``.
+        tokenizer: :class:`llmsh.tokenizer.Tokenizer`.
+        generation_config: the folder's generation_config.json as a dict (empty if absent).
+        device, dtype: where and how the weights live (torch.device, torch.dtype).
+        load_seconds: wall time of :func:`load_model`, in seconds.
+    """
+
+    path: Path
+    config: Any
+    decoder: Any
+    tokenizer: Any
+    generation_config: dict = field(default_factory=dict)
+    device: Any = None
+    dtype: Any = None
+    load_seconds: float = 0.0
+
+    @property
+    def n_ctx_max(self) -> int:
+        """The model's trained context length in tokens (``max_position_embeddings``)."""
+        return int(self.config.max_position_embeddings)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Token ids that end a reply: the tokenizer's EOS ids (merged with generation_config's)."""
+        return list(self.tokenizer.eos_token_ids)
+
+
+def read_generation_config(model_dir: Path) -> dict:
+    """Return generation_config.json of ``model_dir`` as a dict, ``{}`` when absent.
+
+    Raises:
+        ConfigError: the file exists but is not valid JSON.
+    """
+    p = Path(model_dir) / "generation_config.json"
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{p}: not valid JSON ({e})") from None
+
+
+def load_model(
+    model: str | Path | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    notice: Callable[[str], None] | None = None,
+    auto_pull: bool = True,
+) -> LoadedModel:
+    """Resolve ``model`` and load it.
+
+    Args:
+        model: a model folder, a ``.gguf`` file (converted once into the cache), a registry name
+            such as ``smollm2-135m-instruct``, or None for the default model.
+        device: ``auto`` (cuda, then mps, then cpu), or a torch device string.
+        dtype: ``auto`` (float32 on CPU, bfloat16 on GPUs), ``float32``, ``bfloat16``, ``float16``.
+        notice: called with one-line messages for the user (e.g. "pulling the default model").
+        auto_pull: pull a registry model that is not cached yet.
+
+    Raises:
+        ModelNotFoundError, ConfigError, WeightsError, TokenizerError, ConvertError.
+    """
+    from . import hub
+    from .config import ModelConfig
+    from .tokenizer import Tokenizer
+    from .weights import load_decoder
+
+    t0 = time.perf_counter()
+    path = hub.resolve_model(model if model is not None else hub.DEFAULT_MODEL,
+                             auto_pull=auto_pull, notice=notice)
+    config = ModelConfig.from_file(path)
+    tokenizer = Tokenizer.from_dir(path)
+    decoder = load_decoder(path, config, device=device, dtype=dtype)
+    param = next(decoder.parameters())
+    return LoadedModel(
+        path=Path(path),
+        config=config,
+        decoder=decoder,
+        tokenizer=tokenizer,
+        generation_config=read_generation_config(path),
+        device=param.device,
+        dtype=param.dtype,
+        load_seconds=time.perf_counter() - t0,
+    )
