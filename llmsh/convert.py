@@ -1,0 +1,289 @@
+"""GGUF file -> Hugging Face-style model folder (config.json, model.safetensors, tokenizer.json, ...).
+
+Reference behaviour: llama.cpp's own reading of a GGUF file (``llama-vocab.cpp`` for the
+tokenizer, ``convert_hf_to_gguf.py`` for the tensor layout that we undo here). Only the
+``llama`` architecture with a ``gpt2``-type (byte-level BPE) vocabulary is supported so far;
+everything else is refused with a :class:`~llmsh.errors.ConvertError` rather than guessed.
+
+Weights are dequantized with ``gguf.quants.dequantize`` and streamed one tensor at a time
+into a safetensors file we write ourselves, so peak memory is one tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from llmsh.errors import ConvertError
+
+# llama.cpp pre-tokenizer names (tokenizer.ggml.pre) -> whether digits are split out one by one
+# before the GPT-2 byte-level regex. Only names whose llama.cpp regex table we checked are here:
+# "smollm" = ["\p{N}", gpt2-regex]; "gpt-2" = [gpt2-regex]. Add rows only after verifying.
+PRE_TOKENIZERS = {"smollm": True, "gpt-2": False}
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+TOKEN_TYPE_CONTROL = 3  # llama.cpp LLAMA_TOKEN_TYPE_CONTROL
+TOKEN_TYPE_USER_DEFINED = 4
+
+
+def _fields(reader) -> dict:
+    return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def hf_name(gguf_name: str) -> str:
+    """Map a llama-architecture GGUF tensor name to its Hugging Face key; ConvertError if unknown."""
+    stem, _, suffix = gguf_name.rpartition(".")
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    if stem in _TOP_NAMES:
+        return f"{_TOP_NAMES[stem]}.{suffix}"
+    raise ConvertError(f"unsupported tensor {gguf_name!r} in GGUF file")
+
+
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (``LlamaModel.permute`` in convert_hf_to_gguf.py).
+
+    llama.cpp stores each head's rotary pairs interleaved (GPT-J style); Hugging Face keeps them
+    as two halves. w: (n_head * head_dim, in_features) -> same shape, rows reordered per head.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _f32(x) -> float:
+    """GGUF stores float32: write its shortest repr (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(x)))
+
+
+def _config(meta: dict, tied: bool, torch_dtype: str) -> dict:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ConvertError(f"GGUF architecture {arch!r} is not supported yet (only 'llama')")
+
+    def get(key, default=None, required=True):
+        value = meta.get(f"llama.{key}", default)
+        if value is None and required:
+            raise ConvertError(f"GGUF metadata lacks llama.{key}")
+        return value
+
+    hidden, n_head = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", hidden // n_head))
+    rope_dim = int(get("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ConvertError(f"partial rotary embeddings (rope.dimension_count {rope_dim} != head_dim {head_dim}) are not supported")
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": int(get("vocab_size", len(tokens) or None)),
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(get("attention.head_count_kv", n_head)),
+        "head_dim": head_dim,
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": _f32(get("rope.freq_base", 10000.0)),
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": tied,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "torch_dtype": torch_dtype,
+    }
+    scaling = get("rope.scaling.type", "none", required=False)
+    if scaling == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif scaling not in ("none", None):
+        raise ConvertError(f"rope scaling {scaling!r} in GGUF file is not supported yet")
+    return cfg
+
+
+def build_tokenizer(meta: dict):
+    """Build a ``tokenizers.Tokenizer`` equal to llama.cpp's tokenizer for this vocabulary.
+
+    Byte-level BPE (tokenizer.ggml.model "gpt2") with the pre-tokenizer named by
+    tokenizer.ggml.pre (see PRE_TOKENIZERS); control tokens (token_type 3) become special added
+    tokens, user-defined ones (4) plain added tokens, as llama.cpp matches both before BPE.
+    Raises ConvertError for sentencepiece (``llama``) vocabularies and unverified pre-tokenizers.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        raise ConvertError("GGUF sentencepiece ('llama') vocabularies are not supported yet")
+    if kind != "gpt2":
+        raise ConvertError(f"GGUF tokenizer model {kind!r} is not supported")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise ConvertError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {', '.join(PRE_TOKENIZERS)})")
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if PRE_TOKENIZERS[pre]:
+        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                    for i, t in enumerate(types) if t == TOKEN_TYPE_USER_DEFINED])
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                            for i, t in enumerate(types) if t == TOKEN_TYPE_CONTROL])
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    eos_id = meta.get("tokenizer.ggml.eos_token_id")
+    single, special = "$A", []
+    if meta.get("tokenizer.ggml.add_bos_token") and bos_id is not None:
+        single, special = f"{tokens[bos_id]} $A", [(tokens[bos_id], bos_id)]
+    if meta.get("tokenizer.ggml.add_eos_token") and eos_id is not None:
+        single += f" {tokens[eos_id]}"
+        special.append((tokens[eos_id], eos_id))
+    if special:
+        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=list(dict(special).items()))
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def _tokenizer_files(meta: dict) -> dict[str, dict]:
+    tokens = meta["tokenizer.ggml.tokens"]
+
+    def tok(key):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    tconf = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tok("bos"), "eos_token": tok("eos"), "pad_token": tok("padding"),
+        "unk_token": tok("unknown"),
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(meta.get("llama.context_length", 2048)),
+    }
+    if meta.get("tokenizer.chat_template"):
+        tconf["chat_template"] = meta["tokenizer.chat_template"]
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if meta.get(k) is not None]
+    eos = list(dict.fromkeys(eos))
+    gconf = {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+             "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+             "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
+    return {"tokenizer_config.json": tconf, "generation_config.json": gconf}
+
+
+def _to_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if dtype == "float32":
+        return a
+    if dtype == "float16":
+        return a.astype(np.float16)
+    # bfloat16: round to nearest even on the top 16 bits (numpy has no bfloat16 type)
+    u = a.view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _write_safetensors(path: Path, reader, plan: list, dtype: str, cfg: dict, progress) -> None:
+    """Stream tensors into a safetensors file: header first (shapes are known), then data."""
+    from gguf.quants import dequantize
+
+    itemsize = np.dtype(np.float32).itemsize if dtype == "float32" else 2
+    header, offset = {}, 0
+    for hf, t, shape in plan:
+        n = int(np.prod(shape)) * itemsize
+        header[hf] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt", "source": "llmsh.convert (GGUF)"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for i, (hf, t, shape) in enumerate(plan):
+            try:
+                w = dequantize(t.data, t.tensor_type).reshape(shape)
+            except NotImplementedError:
+                raise ConvertError(f"cannot dequantize tensor {t.name} of type {t.tensor_type.name} (unsupported by the gguf package)") from None
+            if hf.endswith("q_proj.weight"):
+                w = unpermute_rope(w, n_q)
+            elif hf.endswith("k_proj.weight"):
+                w = unpermute_rope(w, n_kv)
+            f.write(_to_dtype(w, dtype).tobytes())
+            if progress:
+                progress("convert", i + 1, len(plan))
+
+
+def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool = False,
+                 progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """Convert a llama-architecture GGUF file into a Hugging Face-style folder; returns out_dir.
+
+    Writes config.json, model.safetensors (dequantized to ``dtype``: float32 | float16 |
+    bfloat16, Q/K rows un-permuted to HF layout; lm_head omitted and tie_word_embeddings true
+    when the file has no output.weight), tokenizer.json, tokenizer_config.json and
+    generation_config.json. Work happens in a hidden temp folder next to out_dir that is
+    renamed into place at the end, so a failure or interrupt leaves no half-written out_dir.
+    progress(stage, done, total) is called after each tensor with stage "convert".
+    Raises ConvertError (bad/unsupported file, quant type, tokenizer, existing out_dir).
+    """
+    from gguf import GGUFReader
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if dtype not in _ST_DTYPES:
+        raise ConvertError(f"unsupported dtype {dtype!r} (choose from {', '.join(_ST_DTYPES)})")
+    if out_dir.exists() and not overwrite:
+        raise ConvertError(f"output folder {out_dir} already exists")
+    try:
+        reader = GGUFReader(gguf_path)
+    except (OSError, ValueError, IndexError, struct.error) as e:
+        raise ConvertError(f"cannot read GGUF file {gguf_path}: {e}") from None
+    meta = _fields(reader)
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ConvertError("GGUF files with rope_freqs (llama3-style rope scaling) are not supported yet")
+    tied = "output.weight" not in names
+    cfg = _config(meta, tied, dtype)
+    tokenizer = build_tokenizer(meta)
+    plan = sorted(((hf_name(t.name), t, tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors),
+                  key=lambda p: p[0])
+    if len({p[0] for p in plan}) != len(plan):
+        raise ConvertError(f"duplicate tensor names in GGUF file {gguf_path}")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        for name, data in _tokenizer_files(meta).items():
+            (tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        _write_safetensors(tmp / "model.safetensors", reader, plan, dtype, cfg, progress)
+        del reader  # release the memory map before renaming (Windows)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
