@@ -271,19 +271,21 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
         raise ConvertError(f"duplicate tensor names in GGUF file {gguf_path}")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        work = tmp / "model"
+        work.mkdir(mode=0o755)
+        (work / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         for name, data in _tokenizer_files(meta).items():
-            (tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        _write_safetensors(tmp / "model.safetensors", reader, plan, dtype, cfg, progress)
-        del reader  # release the memory map before renaming (Windows)
+            (work / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        tokenizer.save(str(work / "tokenizer.json"))
+        _write_safetensors(work / "model.safetensors", reader, plan, dtype, cfg, progress)
+        del reader, plan  # release the memory map before renaming (Windows)
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
+            if not overwrite:  # someone else finished first; theirs stays
+                raise ConvertError(f"output folder {out_dir} already exists")
+            out_dir.rename(tmp / "old")
+        os.replace(work, out_dir)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
