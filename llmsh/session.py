@@ -1,0 +1,354 @@
+"""A conversation with one KV cache reused across turns (the engine behind ``llmsh chat``).
+
+Each turn renders the whole conversation with the model's chat template, encodes it, finds the
+longest common prefix with the token ids already in the cache, trims the cache back to it and
+prefills only the rest: the prompt-cache reuse of llama.cpp's server and mlx-lm's
+``cache_prompt``. Generated reply ids are kept and re-used verbatim when the conversation is
+re-encoded, so a follow-up turn normally re-uses everything up to the end of the last reply.
+
+Special tokens: template markup is encoded with ``parse_special=True``, message contents with
+``parse_special=False``, so a user typing ``<|im_end|>`` sends those characters, not the control
+token. The template is rendered once with placeholder contents to tell markup from content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import InputError, TemplateError
+
+DEFAULT_N_CTX_CAP = 8192  # default context when the model allows more: caps KV-cache memory
+SAVE_FORMAT = "llmsh-chat"
+_MARK = re.compile("\ue000LLMSH([0-9]+)\ue001")  # private-use code points never typed in practice
+
+
+@dataclass
+class Message:
+    """One message. ``ids``: an assistant reply's generated token ids (not saved);
+    ``interrupted``: the reply was stopped by Ctrl-C and is partial."""
+
+    role: str
+    content: str
+    interrupted: bool = False
+    ids: list[int] | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        d = {"role": self.role, "content": self.content}
+        if self.interrupted:
+            d["interrupted"] = True
+        return d
+
+
+def common_prefix(a, b) -> int:
+    """Length of the longest common prefix of two id sequences."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class ChatSession:
+    """A chat with ``model`` (a :class:`llmsh.loader.LoadedModel`) and one :class:`KVCache`.
+
+    Args:
+        system: the system message (kept apart from ``messages``; never dropped on overflow).
+        params: :class:`llmsh.sampling.SamplingParams`; a seed seeds one generator for the whole
+            session, so the same inputs in the same order give the same replies.
+        max_tokens: reply length limit (tokens; None: until EOS or the context is full). When old
+            exchanges are dropped to fit the context, :attr:`reserve` positions stay free for the reply.
+        n_ctx: context size in tokens (default: the model's, capped at DEFAULT_N_CTX_CAP).
+        notice: called with one-line notices (dropped exchanges, template fallback).
+
+    Raises:
+        InputError: ``n_ctx`` is not in [1, the model's max_position_embeddings].
+    """
+
+    def __init__(self, model, *, system: str | None = None, params=None, max_tokens: int | None = None,
+                 n_ctx: int | None = None, notice: Callable[[str], None] | None = None):
+        from .cache import KVCache
+        from .sampling import SamplingParams
+
+        self.model = model
+        self.system = system or None
+        self.params = params if params is not None else SamplingParams()
+        self.max_tokens = None if max_tokens is None else int(max_tokens)
+        limit = int(model.config.max_position_embeddings)
+        self.n_ctx = int(n_ctx) if n_ctx is not None else min(limit, DEFAULT_N_CTX_CAP)
+        if not 1 <= self.n_ctx <= limit:
+            raise InputError(f"--n-ctx {self.n_ctx} is outside [1, {limit}] (the model's context length)")
+        self.notices: list[str] = []
+        self._notice = notice or self.notices.append
+        self.messages: list[Message] = []
+        self.cache = KVCache.for_model(model.config, self.n_ctx, dtype=model.dtype, device=model.device)
+        self.cache_ids: list[int] = []  # the ids whose keys/values fill cache[:offset]
+        self.last_stats = None
+        self.template = model.tokenizer.chat_template
+        if self.template is None:
+            from .template import FALLBACK_TEMPLATE
+            self.template = FALLBACK_TEMPLATE
+            self._notice("the model has no chat template; using a plain fallback template")
+        self._generator = None
+
+    # --- conversation editing -------------------------------------------------------------------
+
+    def set_params(self, **changes) -> None:
+        """Change sampling parameters (SamplingParams fields) and/or ``max_tokens``.
+
+        Raises InputError naming the parameter and its allowed range."""
+        if "max_tokens" in changes:
+            mt = changes.pop("max_tokens")
+            if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
+                raise InputError(f"max_tokens must be an integer >= 1, got {mt!r}")
+            self.max_tokens = mt
+        if changes:
+            try:
+                self.params = replace(self.params, **changes)
+            except (ValueError, TypeError) as e:
+                raise InputError(str(e)) from None
+            if "seed" in changes:
+                self._generator = None
+
+    def set_system(self, text: str | None) -> None:
+        """Set (or with None/empty, remove) the system message; the cache adapts on the next turn."""
+        self.system = text or None
+
+    def clear(self) -> None:
+        """Start a new conversation (the system message stays)."""
+        self.messages.clear()
+        self.cache.reset()
+        self.cache_ids = []
+
+    def undo(self) -> Message:
+        """Drop the last exchange (user message and its reply); return the user message.
+
+        Raises InputError when there is nothing to undo."""
+        if not self.messages:
+            raise InputError("nothing to undo")
+        while self.messages and self.messages[-1].role != "user":
+            self.messages.pop()
+        return self.messages.pop() if self.messages else Message("user", "")
+
+    # --- generation -----------------------------------------------------------------------------
+
+    def send(self, text: str) -> Iterator[str]:
+        """Add a user message and stream the reply as text pieces; stats land in ``last_stats``.
+
+        Raises InputError for an empty message or one that cannot fit in the context (the
+        message is then not kept). Ctrl-C: see :meth:`_reply`.
+        """
+        if not text or not text.strip():
+            raise InputError("empty message")
+        self.messages.append(Message("user", text))
+        return self._reply(on_nothing=self.messages.pop)
+
+    def regen(self) -> Iterator[str]:
+        """Drop the last reply and stream a new one. Raises InputError when there is none."""
+        if not self.messages or self.messages[-1].role != "assistant":
+            raise InputError("nothing to regenerate: the conversation has no reply yet")
+        old = self.messages.pop()
+        return self._reply(on_nothing=lambda: self.messages.append(old))
+
+    def _reply(self, on_nothing: Callable[[], object]) -> Iterator[str]:
+        # Fitting happens before the generator starts so that InputError is raised by send().
+        try:
+            ids = self._fit()
+        except BaseException:
+            on_nothing()
+            raise
+        return self._stream(ids, on_nothing)
+
+    def _stream(self, ids: list[int], on_nothing) -> Iterator[str]:
+        """Generate the reply to ``ids`` (the full prompt) reusing the cache.
+
+        KeyboardInterrupt while generating (or ``close()`` of this iterator) stops the reply: the
+        partial reply is kept with ``interrupted=True`` (or, if nothing was generated yet, the
+        conversation is left as it was), the cache is trimmed to what is valid, and the
+        KeyboardInterrupt propagates.
+        """
+        from .generate import GenerationStats, generate_tokens
+        from .sampling import make_generator
+
+        reuse = min(common_prefix(self.cache_ids, ids), len(ids) - 1)
+        self.cache.trim(min(reuse, self.cache.offset))
+        self.cache_ids = ids[:reuse]
+        if self.params.seed is not None and self._generator is None:
+            self._generator = make_generator(self.params.seed, self.model.device)
+        stats = self.last_stats = GenerationStats()
+        max_new = self.n_ctx - len(ids) if self.max_tokens is None else min(self.max_tokens, self.n_ctx - len(ids))
+        tok = self.model.tokenizer
+        tokens = generate_tokens(self.model.decoder, ids[reuse:], self.cache, self.params,
+                                 max_new_tokens=max_new, eos_ids=tok.eos_token_ids, stats=stats,
+                                 context_ids=ids[:reuse], generator=self._generator)
+        decoder = tok.stream_decoder(skip_special=True)
+        reply_ids: list[int] = []
+        pieces: list[str] = []
+        done = False
+        try:
+            for t in tokens:
+                reply_ids.append(t)
+                piece = decoder.step(t)
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+            piece = decoder.flush()
+            if piece:
+                pieces.append(piece)
+                yield piece
+            done = True
+        finally:
+            tokens.close()
+            # The cache holds a prefix of prompt + reply (generate.py's invariant); keep its ids.
+            full = ids + reply_ids
+            self.cache.trim(min(self.cache.offset, len(full)))
+            self.cache_ids = full[: self.cache.offset]
+            if not done:
+                stats.finish_reason = "interrupted"
+            if done or reply_ids:
+                content = "".join(pieces) if done else tok.decode(reply_ids, skip_special=True)
+                self.messages.append(Message("assistant", content, interrupted=not done, ids=reply_ids))
+            else:
+                on_nothing()
+
+    # --- encoding and context -------------------------------------------------------------------
+
+    def _all(self, messages=None) -> list[Message]:
+        msgs = list(self.messages if messages is None else messages)
+        return ([Message("system", self.system)] if self.system else []) + msgs
+
+    def _render(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        from .template import render_chat
+
+        tok = self.model.tokenizer
+        return render_chat(self.template, [{"role": m.role, "content": m.content} for m in messages],
+                           add_generation_prompt=add_generation_prompt,
+                           bos_token=tok.bos_token, eos_token=tok.eos_token)
+
+    def encode(self, messages: list[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``messages`` rendered with the chat template (markup specials parsed,
+        contents taken literally; an assistant reply re-uses its generated ids).
+
+        Raises TemplateError; InputError when the template rewrites message contents (so markup
+        cannot be told from content) and a content contains special-token text.
+        """
+        tok = self.model.tokenizer
+        text = self._render(messages, add_generation_prompt)
+        marked = [Message(m.role, f"\ue000LLMSH{i}\ue001") for i, m in enumerate(messages)]
+        parts = _MARK.split(self._render(marked, add_generation_prompt))
+        # re.split with a group alternates markup (even) and placeholder numbers (odd).
+        order = [int(p) for p in parts[1::2]]
+        if sorted(order) == list(range(len(messages))) and "".join(
+                p if i % 2 == 0 else messages[int(p)].content for i, p in enumerate(parts)) == text:
+            ids: list[int] = []
+            for i, p in enumerate(parts):
+                if i % 2 == 0:
+                    if p:
+                        ids += tok.encode(p, add_bos=False, parse_special=True)
+                    continue
+                m = messages[int(p)]
+                if m.ids is not None:
+                    ids += m.ids
+                elif m.content:
+                    ids += tok.encode(m.content, add_bos=False, parse_special=False)
+            return ids
+        for m in messages:
+            if tok.encode(m.content, add_bos=False, parse_special=True) != tok.encode(
+                    m.content, add_bos=False, parse_special=False):
+                raise InputError("a message contains special-token text, which this model's chat "
+                                 "template does not let llmsh keep apart from the markup")
+        return tok.encode(text, add_bos=False, parse_special=True)
+
+    @property
+    def reserve(self) -> int:
+        """Positions kept free for the reply when fitting the conversation (tokens):
+        max_tokens (a quarter of the context when unlimited), at most half the context."""
+        want = self.n_ctx // 4 if self.max_tokens is None else self.max_tokens
+        return max(1, min(want, self.n_ctx // 2))
+
+    def _fit(self) -> list[int]:
+        """Prompt ids of the conversation, dropping the oldest exchanges until it fits."""
+        budget = self.n_ctx - self.reserve
+        last = self.messages[-1]
+        alone = len(self.encode(self._all([last])))
+        if alone > budget:
+            what = "message" if self.system is None else "message with the system message"
+            raise InputError(f"{what} too long for the context: {alone} tokens, but at most {budget} fit "
+                             f"(n_ctx {self.n_ctx} minus {self.reserve} kept for the reply)")
+        dropped = 0
+        while True:
+            ids = self.encode(self._all())
+            if len(ids) <= budget:
+                break
+            # Drop the oldest exchange: the first message and everything up to the next user message.
+            del self.messages[0]
+            while len(self.messages) > 1 and self.messages[0].role != "user":
+                del self.messages[0]
+            dropped += 1
+        if dropped:
+            self._notice(f"dropped the {dropped} oldest exchange{'s' if dropped > 1 else ''} "
+                         f"to fit the context ({self.n_ctx} tokens)")
+        return ids
+
+    @property
+    def context_used(self) -> int:
+        """Tokens the conversation takes in the context now (without a generation prompt)."""
+        msgs = self._all()
+        if not msgs:
+            return 0
+        try:
+            return len(self.encode(msgs, add_generation_prompt=False))
+        except (TemplateError, InputError):
+            return self.cache.offset
+
+    # --- persistence ----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {"format": SAVE_FORMAT, "version": 1, "model": str(self.model.path),
+                "system": self.system, "messages": [m.to_dict() for m in self.messages]}
+
+    def save(self, path) -> Path:
+        """Write the conversation as JSON to ``path`` atomically (temp file + os.replace).
+
+        Raises InputError when the file cannot be written."""
+        path = Path(path).expanduser()
+        data = json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n"
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as e:
+            raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+        return path
+
+    def load(self, path) -> None:
+        """Replace the conversation (system message and messages) with one saved by :meth:`save`.
+
+        Raises InputError when the file is missing, not JSON, or not a saved conversation."""
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: not a JSON file ({e})") from None
+        msgs = data.get("messages") if isinstance(data, dict) else None
+        ok = isinstance(msgs, list) and all(
+            isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+            for m in msgs) and isinstance(data.get("system"), (str, type(None)))
+        if not ok:
+            raise InputError(f"{path}: not a saved llmsh conversation")
+        self.system = data.get("system") or None
+        self.messages = [Message(m["role"], m["content"], bool(m.get("interrupted"))) for m in msgs]
