@@ -75,7 +75,15 @@ def _f32(x) -> float:
     return float(str(np.float32(x)))
 
 
-def _config(meta: dict, tied: bool, torch_dtype: str) -> dict:
+def _has_biases(hf_names: set, block: str, projs: tuple) -> bool:
+    """HF llama has one switch per block: all of its projections have biases, or none."""
+    have = {p for p in projs if f"model.layers.0.{block}.{p}.bias" in hf_names}
+    if have and have != set(projs):
+        raise ConvertError(f"GGUF file has biases on only some {block} projections ({', '.join(sorted(have))}); not supported")
+    return bool(have)
+
+
+def _config(meta: dict, hf_names: set, torch_dtype: str) -> dict:
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ConvertError(f"GGUF architecture {arch!r} is not supported yet (only 'llama')")
@@ -107,9 +115,9 @@ def _config(meta: dict, tied: bool, torch_dtype: str) -> dict:
         "rope_theta": _f32(get("rope.freq_base", 10000.0)),
         "rope_scaling": None,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": tied,
+        "attention_bias": _has_biases(hf_names, "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        "mlp_bias": _has_biases(hf_names, "mlp", ("gate_proj", "up_proj", "down_proj")),
+        "tie_word_embeddings": "lm_head.weight" not in hf_names,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "torch_dtype": torch_dtype,
@@ -226,9 +234,10 @@ def _write_safetensors(path: Path, reader, plan: list, dtype: str, cfg: dict, pr
                 w = dequantize(t.data, t.tensor_type).reshape(shape)
             except NotImplementedError:
                 raise ConvertError(f"cannot dequantize tensor {t.name} of type {t.tensor_type.name} (unsupported by the gguf package)") from None
-            if hf.endswith("q_proj.weight"):
+            # llama.cpp permutes q/k biases too (convert_hf_to_gguf.py LlamaModel.modify_tensors)
+            if ".q_proj." in hf:
                 w = unpermute_rope(w, n_q)
-            elif hf.endswith("k_proj.weight"):
+            elif ".k_proj." in hf:
                 w = unpermute_rope(w, n_kv)
             f.write(_to_dtype(w, dtype).tobytes())
             if progress:
@@ -240,8 +249,8 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
     """Convert a llama-architecture GGUF file into a Hugging Face-style folder; returns out_dir.
 
     Writes config.json, model.safetensors (dequantized to ``dtype``: float32 | float16 |
-    bfloat16, Q/K rows un-permuted to HF layout; lm_head omitted and tie_word_embeddings true
-    when the file has no output.weight), tokenizer.json, tokenizer_config.json and
+    bfloat16, Q/K rows (and biases) un-permuted to HF layout; lm_head omitted and
+    tie_word_embeddings true when the file has no output.weight), tokenizer.json, tokenizer_config.json and
     generation_config.json. Work happens in a hidden temp folder next to out_dir that is
     renamed into place at the end, so a failure or interrupt leaves no half-written out_dir.
     progress(stage, done, total) is called after each tensor with stage "convert".
@@ -259,16 +268,14 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
     except (OSError, ValueError, IndexError, struct.error) as e:
         raise ConvertError(f"cannot read GGUF file {gguf_path}: {e}") from None
     meta = _fields(reader)
-    names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise ConvertError("GGUF files with rope_freqs (llama3-style rope scaling) are not supported yet")
-    tied = "output.weight" not in names
-    cfg = _config(meta, tied, dtype)
-    tokenizer = build_tokenizer(meta)
     plan = sorted(((hf_name(t.name), t, tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors),
                   key=lambda p: p[0])
     if len({p[0] for p in plan}) != len(plan):
         raise ConvertError(f"duplicate tensor names in GGUF file {gguf_path}")
+    cfg = _config(meta, {p[0] for p in plan}, dtype)
+    tokenizer = build_tokenizer(meta)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
