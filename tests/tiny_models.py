@@ -45,11 +45,12 @@ SPECS: dict[str, tuple[str, dict]] = {
         dict(_LLAMA_BASE, head_dim=24, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
              num_hidden_layers=3),
     ),
-    # llama3 scaling: wavelengths between 8 and 32 positions are smoothed, longer ones scaled.
+    # llama3 scaling: wavelengths between 16 and 64 positions are smoothed (head_dim 16, theta
+    # 5e5 puts one at 32.5), longer ones divided by factor.
     "llama3_rope": (
         "llama",
         dict(_LLAMA_BASE, rope_scaling=dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0,
-                                            high_freq_factor=4.0, original_max_position_embeddings=32),
+                                            high_freq_factor=4.0, original_max_position_embeddings=64),
              rope_theta=500000.0),
     ),
     "llama_linear_rope": (

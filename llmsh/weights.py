@@ -1,0 +1,201 @@
+"""Load safetensors checkpoints into a :class:`llmsh.model.Decoder`, strictly, without pickle.
+
+A checkpoint is ``model.safetensors``, or shards listed by ``model.safetensors.index.json``
+(``weight_map``: tensor name -> shard file), as written by transformers' ``save_pretrained``.
+Tensors are read one at a time through ``safetensors.safe_open`` (memory-mapped) and cast as
+they are read; the decoder is built on the meta device and the tensors are assigned to it, so
+peak memory is the converted weights plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import WeightsError
+from .model import Decoder
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+# gpt2 stores these as Conv1D weights, (in, out); our nn.Linear wants (out, in).
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> cuda if available, then mps, then cpu; anything else as torch.device.
+
+    Raises:
+        WeightsError: the device name is invalid or the device is not available.
+    """
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise WeightsError(f"invalid device {device!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WeightsError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise WeightsError(f"device {device!r} requested but MPS is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device) -> torch.dtype:
+    """``auto`` -> float32 on CPU, bfloat16 on GPUs; else float32/bfloat16/float16 (or aliases).
+
+    Raises:
+        WeightsError: unknown dtype name.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise WeightsError(f"unsupported dtype {dtype!r} (use auto, float32, bfloat16 or float16)") from None
+
+
+def checkpoint_files(model_dir) -> dict[str, Path]:
+    """Map every tensor name in the checkpoint of ``model_dir`` to the file that holds it.
+
+    Raises:
+        WeightsError: no model.safetensors / index, an unreadable index, a missing shard,
+            or a corrupt or truncated safetensors file (named).
+    """
+    d = Path(model_dir)
+    index, single = d / "model.safetensors.index.json", d / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = {name: d / f for name, f in weight_map.items()}
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise WeightsError(f"{index}: not a valid safetensors index ({e})") from None
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise WeightsError(f"{f}: shard listed in {index.name} is missing")
+            stored = _keys(f)
+            missing = [n for n, g in files.items() if g == f and n not in stored]
+            if missing:
+                raise WeightsError(f"{f}: tensor {missing[0]!r} listed in {index.name} is not in the file")
+        return files
+    if single.is_file():
+        return {name: single for name in _keys(single)}
+    if any(d.glob("*.bin")) or any(d.glob("*.pt")) or any(d.glob("*.pth")):
+        raise WeightsError(f"{d}: only pickle checkpoints (.bin/.pt) found; llmsh loads safetensors only")
+    raise WeightsError(f"{d}: no model.safetensors or model.safetensors.index.json")
+
+
+def _keys(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError, OSError, ...
+        raise WeightsError(f"{path}: corrupt or truncated safetensors file ({_short(e)})") from None
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _our_name(config: ModelConfig, key: str) -> str | None:
+    """The Decoder parameter name for checkpoint ``key``, or None for tensors we drop."""
+    if config.is_gpt2:
+        if key.endswith((".attn.bias", ".attn.masked_bias")):   # old causal-mask buffers
+            return None
+        if not key.startswith(("transformer.", "lm_head.")):     # original gpt2 has no prefix
+            key = "transformer." + key
+    elif key.endswith("rotary_emb.inv_freq"):                    # old llama checkpoints
+        return None
+    if config.tie_word_embeddings and key == "lm_head.weight":   # transformers ignores it too
+        return None
+    return key
+
+
+def _iter_tensors(model_dir, config: ModelConfig):
+    """Yield (our name, tensor in file dtype on CPU, file) for every kept checkpoint tensor."""
+    from safetensors import safe_open
+
+    files = checkpoint_files(model_dir)
+    by_file: dict[Path, list[str]] = {}
+    for name, f in files.items():
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in names:
+                    ours = _our_name(config, key)
+                    if ours is None:
+                        continue
+                    try:
+                        t = sf.get_tensor(key)
+                    except Exception as e:
+                        raise WeightsError(f"{f}: cannot read tensor {key!r} ({_short(e)})") from None
+                    if config.is_gpt2 and ours.endswith(_CONV1D):
+                        t = t.t()
+                    yield ours, t, f
+        except WeightsError:
+            raise
+        except Exception as e:
+            raise WeightsError(f"{f}: corrupt or truncated safetensors file ({_short(e)})") from None
+
+
+def load_state_dict(model_dir, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """All checkpoint tensors of ``model_dir``, keyed by Decoder parameter name, CPU, file dtype.
+
+    gpt2 checkpoints are normalised: the ``transformer.`` prefix added when absent, attention
+    mask buffers dropped, Conv1D weights transposed to (out, in). A tied ``lm_head.weight`` is
+    dropped. Raises WeightsError as :func:`checkpoint_files`.
+    """
+    return {name: t for name, t, _ in _iter_tensors(model_dir, config)}
+
+
+def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto") -> Decoder:
+    """Build a :class:`Decoder` for ``config`` and fill it from ``model_dir``'s safetensors.
+
+    The decoder is returned in eval mode with ``requires_grad`` off, on ``device`` in ``dtype``
+    (floating tensors are cast; see :func:`resolve_device`, :func:`resolve_dtype`).
+
+    Raises:
+        WeightsError: missing or unreadable files, a missing or unexpected tensor, or a shape
+            that does not match the config (the tensor and file are named).
+    """
+    dev = resolve_device(device) if not isinstance(device, torch.device) else device
+    dt = resolve_dtype(dtype, dev)
+    with torch.device("meta"):
+        decoder = Decoder(config)
+    expected = {k: v.shape for k, v in decoder.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    state: dict[str, torch.Tensor] = {}
+    for name, t, f in _iter_tensors(model_dir, config):
+        if name not in expected:
+            raise WeightsError(f"{f}: unexpected tensor {name!r} for a {config.model_type} model")
+        if tuple(t.shape) != tuple(expected[name]):
+            raise WeightsError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, "
+                               f"config expects {tuple(expected[name])}")
+        if t.is_floating_point():
+            t = t.to(device=dev, dtype=dt)
+        state[name] = t.contiguous() if not t.is_contiguous() else t
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise WeightsError(f"{Path(model_dir)}: tensor {missing[0]!r} missing from the checkpoint"
+                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if config.tie_word_embeddings:
+        embed = "transformer.wte.weight" if config.is_gpt2 else "model.embed_tokens.weight"
+        state["lm_head.weight"] = state[embed]
+    decoder.load_state_dict(state, strict=True, assign=True)
+    decoder.tie_weights()
+    decoder.to(device=dev, dtype=dt)       # the RoPE buffers, built on CPU in float32
+    decoder.requires_grad_(False)
+    return decoder.eval()
