@@ -1,0 +1,276 @@
+"""Perplexity protocols: llama.cpp's ``llama-perplexity``, Hugging Face's sliding window, per line.
+
+All three score token ``t`` with the negative log-likelihood (nats) of ``ids[t]`` under the
+logits of position ``t - 1``. Logits arrive in float32 from the decoder; ``logsumexp`` and the
+gather run only on the scored positions, so no second (batch, n_ctx, V) tensor is made.
+Sums are accumulated in float64, as llama.cpp does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import InputError
+
+_LOGIT_BUDGET_BYTES = 1 << 28  # float32 logits held per forward pass when batch_size is automatic
+
+
+@dataclass
+class PerplexityResult:
+    """Totals of one scoring run; the last four fields are derived from the others.
+
+    nll_sum / nll_sq_sum: sum of per-token NLL and NLL² (nats); n_tokens: tokens scored;
+    protocol: "llamacpp", "llamacpp-all", "sliding" or "line"; n_ctx: window length (tokens);
+    n_bytes: UTF-8 bytes of the text (0 if unknown); n_predictable: tokens of the text that could be
+    scored (len(ids) - 1). perplexity = exp(nll); stderr = perplexity·sqrt((mean(NLL²) −
+    mean(NLL)²)/(N − 1)) (llama-perplexity's "±"); nll: mean NLL (nats); bits_per_byte: sum of
+    NLL / (ln 2 · n_bytes), with the sum extrapolated from the scored tokens to all
+    ``n_predictable`` tokens when a protocol scores only some (llamacpp); NaN without bytes.
+    token_ids / token_nll / token_positions (only with ``per_token=True``): each scored token's
+    id, NLL and index in ``ids``, in scoring order.
+    """
+
+    nll_sum: float
+    n_tokens: int
+    nll_sq_sum: float
+    protocol: str
+    n_ctx: int
+    n_bytes: int = 0
+    n_predictable: int = 0
+    stride: int | None = None
+    token_ids: list[int] | None = field(default=None, repr=False)
+    token_nll: list[float] | None = field(default=None, repr=False)
+    token_positions: list[int] | None = field(default=None, repr=False)
+    perplexity: float = field(init=False)
+    stderr: float = field(init=False)
+    nll: float = field(init=False)
+    bits_per_byte: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = self.n_tokens
+        self.nll = self.nll_sum / n if n else math.nan
+        self.perplexity = math.exp(self.nll) if n else math.nan
+        if n > 1:
+            var = max(self.nll_sq_sum / n - self.nll * self.nll, 0.0)
+            self.stderr = self.perplexity * math.sqrt(var / (n - 1))
+        else:
+            self.stderr = math.nan
+        if n and self.n_bytes > 0:
+            total = self.nll * max(self.n_predictable, n)
+            self.bits_per_byte = total / (math.log(2) * self.n_bytes)
+        else:
+            self.bits_per_byte = math.nan
+
+    def to_dict(self) -> dict:
+        """The totals and derived values, without the per-token lists."""
+        d = asdict(self)
+        for k in ("token_ids", "token_nll", "token_positions"):
+            d.pop(k)
+        return d
+
+
+def combine(results: Sequence[PerplexityResult], protocol: str | None = None) -> PerplexityResult:
+    """One result pooling every token of ``results`` (the "total" line over several files)."""
+    if not results:
+        raise ValueError("combine() needs at least one result")
+    return PerplexityResult(
+        nll_sum=sum(r.nll_sum for r in results), n_tokens=sum(r.n_tokens for r in results),
+        nll_sq_sum=sum(r.nll_sq_sum for r in results), protocol=protocol or results[0].protocol,
+        n_ctx=results[0].n_ctx, n_bytes=sum(r.n_bytes for r in results),
+        n_predictable=sum(r.n_predictable for r in results), stride=results[0].stride)
+
+
+class _Acc:
+    """float64 running sums, plus per-token lists when asked."""
+
+    def __init__(self, per_token: bool):
+        self.s = 0.0
+        self.s2 = 0.0
+        self.n = 0
+        self.per = ([], [], []) if per_token else None
+
+    def add(self, logits: Tensor, targets: Tensor, positions: Tensor | None = None) -> None:
+        """logits (..., V) float at the scoring positions, targets (...) the ids they predict."""
+        x = logits.float()
+        nll = (torch.logsumexp(x, -1) - x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).double().flatten()
+        self.s += float(nll.sum())
+        self.s2 += float((nll * nll).sum())
+        self.n += nll.numel()
+        if self.per is not None:
+            self.per[0].extend(targets.flatten().tolist())
+            self.per[1].extend(nll.tolist())
+            self.per[2].extend(positions.flatten().tolist())
+
+    def result(self, **kw) -> PerplexityResult:
+        ids, nll, pos = self.per if self.per is not None else (None, None, None)
+        return PerplexityResult(nll_sum=self.s, n_tokens=self.n, nll_sq_sum=self.s2,
+                                token_ids=ids, token_nll=nll, token_positions=pos, **kw)
+
+
+def _device_of(decoder) -> torch.device:
+    p = next(iter(decoder.parameters()), None) if hasattr(decoder, "parameters") else None
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _auto_batch(decoder, n_ctx: int) -> int:
+    vocab = getattr(getattr(decoder, "config", None), "vocab_size", None) or 32000
+    return max(1, min(16, _LOGIT_BUDGET_BYTES // (n_ctx * vocab * 4)))
+
+
+def _as_tensor(ids) -> Tensor:
+    return torch.as_tensor(ids, dtype=torch.long).flatten().cpu()
+
+
+@torch.no_grad()
+def perplexity_llamacpp(decoder, ids: Sequence[int] | Tensor, n_ctx: int, *, bos_id: int | None = None,
+                        all_tokens: bool = False, batch_size: int | None = None, n_bytes: int = 0,
+                        per_token: bool = False,
+                        progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
+    """Perplexity as ``llama-perplexity`` computes it (llama.cpp tools/perplexity, ``perplexity()``).
+
+    ids: the whole text's token ids (BOS first if the tokenizer adds one). The text is cut into
+    floor(len(ids)/n_ctx) consecutive, non-overlapping windows of ``n_ctx`` tokens (the tail is
+    dropped); with ``bos_id`` the first token of each window is replaced by BOS; each window is
+    evaluated from scratch (no cache); logits at positions n_ctx//2 … n_ctx−2 are scored against
+    the next token (255 per window at n_ctx 512), or positions 0 … n_ctx−2 with ``all_tokens``.
+    ``batch_size`` windows go through one forward pass (default: as many as fit ~256 MiB of
+    logits). ``progress(done, total)`` is called after each batch of windows.
+    Raises InputError when there are fewer than 2·n_ctx tokens (llama.cpp's requirement).
+    """
+    if n_ctx < 2:
+        raise InputError(f"n_ctx must be at least 2, got {n_ctx}")
+    ids = _as_tensor(ids)
+    n = ids.numel()
+    if n < 2 * n_ctx:
+        raise InputError(f"input has {n} tokens but perplexity with n_ctx {n_ctx} needs at least {2 * n_ctx}")
+    n_chunks = n // n_ctx
+    first = 0 if all_tokens else n_ctx // 2
+    batch_size = batch_size or _auto_batch(decoder, n_ctx)
+    device = _device_of(decoder)
+    windows = ids[: n_chunks * n_ctx].view(n_chunks, n_ctx)
+    acc = _Acc(per_token)
+    for b0 in range(0, n_chunks, batch_size):
+        chunk = windows[b0: b0 + batch_size]
+        targets = chunk[:, first + 1:]
+        batch = chunk.clone()
+        if bos_id is not None:
+            batch[:, 0] = bos_id
+        logits = decoder(batch.to(device), None)
+        positions = None
+        if per_token:
+            starts = torch.arange(b0, b0 + chunk.shape[0]).unsqueeze(1) * n_ctx
+            positions = starts + torch.arange(first + 1, n_ctx)
+        acc.add(logits[:, first: n_ctx - 1], targets.to(logits.device), positions)
+        del logits
+        if progress is not None:
+            progress(min(b0 + batch_size, n_chunks), n_chunks)
+    return acc.result(protocol="llamacpp-all" if all_tokens else "llamacpp", n_ctx=n_ctx,
+                      n_bytes=n_bytes, n_predictable=n - 1)
+
+
+@torch.no_grad()
+def perplexity_sliding(decoder, ids: Sequence[int] | Tensor, n_ctx: int, stride: int, *,
+                       batch_size: int | None = None, n_bytes: int = 0, per_token: bool = False,
+                       progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
+    """Hugging Face's sliding-window perplexity ("Perplexity of fixed-length models").
+
+    Windows of up to ``n_ctx`` tokens start every ``stride`` tokens (the last one ends at the end
+    of the text); each window scores only the tokens that no earlier window scored, so every token
+    after the first is scored exactly once with up to n_ctx − stride tokens of extra context.
+    Unlike the docs' loop, which weights each window's mean loss by (scored − 1), the mean here is
+    over exactly the scored tokens. Full-length windows are batched ``batch_size`` at a time.
+    Raises InputError for fewer than 2 tokens or a stride outside 1 … n_ctx.
+    """
+    ids = _as_tensor(ids)
+    n = ids.numel()
+    if n < 2:
+        raise InputError(f"input has {n} tokens but perplexity needs at least 2")
+    if n_ctx < 2:
+        raise InputError(f"n_ctx must be at least 2, got {n_ctx}")
+    if not 1 <= stride <= n_ctx:
+        raise InputError(f"stride must be between 1 and n_ctx ({n_ctx}), got {stride}")
+    # (begin, end, first scored target index) per window, as in the docs' loop.
+    spans = []
+    prev_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + n_ctx, n)
+        spans.append((begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == n:
+            break
+    batch_size = batch_size or _auto_batch(decoder, n_ctx)
+    device = _device_of(decoder)
+    acc = _Acc(per_token)
+    i = 0
+    while i < len(spans):
+        length = spans[i][1] - spans[i][0]
+        j = i + 1
+        while j < len(spans) and j - i < batch_size and spans[j][1] - spans[j][0] == length:
+            j += 1
+        group = spans[i:j]
+        batch = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
+        logits = decoder(batch, None)
+        for row, (b, e, s) in enumerate(group):
+            pos = torch.arange(s, e) if per_token else None
+            acc.add(logits[row, s - b - 1: e - b - 1], ids[s:e].to(logits.device), pos)
+        del logits
+        i = j
+        if progress is not None:
+            progress(i, len(spans))
+    return acc.result(protocol="sliding", n_ctx=n_ctx, n_bytes=n_bytes, n_predictable=n - 1, stride=stride)
+
+
+@torch.no_grad()
+def perplexity_lines(decoder, texts_ids: Sequence[Sequence[int]], n_ctx: int, *, pad_id: int = 0,
+                     batch_size: int = 16, n_bytes: Sequence[int] | None = None, per_token: bool = False,
+                     progress: Callable[[int, int], None] | None = None) -> list[PerplexityResult]:
+    """Score many short texts independently (``--each-line``): one result per text, in order.
+
+    Each text scores all its tokens after the first (give it a BOS to score the first real token).
+    Texts are sorted by length and right-padded with ``pad_id`` into batches; padding needs no
+    mask because a causal decoder never lets a position see later ones. A text longer than
+    ``n_ctx`` is scored alone with :func:`perplexity_sliding` (stride n_ctx/2). A text of fewer
+    than 2 tokens gets a result with n_tokens 0 (perplexity NaN).
+    n_bytes: UTF-8 byte length of each text, for bits_per_byte.
+    """
+    results: list[PerplexityResult | None] = [None] * len(texts_ids)
+    seqs = [_as_tensor(t) for t in texts_ids]
+    nb = list(n_bytes) if n_bytes is not None else [0] * len(seqs)
+    device = _device_of(decoder)
+    short = sorted((i for i, s in enumerate(seqs) if s.numel() <= n_ctx), key=lambda i: seqs[i].numel())
+    done = 0
+    for i, s in enumerate(seqs):
+        if s.numel() > n_ctx:
+            r = perplexity_sliding(decoder, s, n_ctx, max(1, n_ctx // 2), n_bytes=nb[i], per_token=per_token)
+            r.protocol = "line"
+            results[i] = r
+            done += 1
+    for b0 in range(0, len(short), batch_size):
+        group = short[b0: b0 + batch_size]
+        width = seqs[group[-1]].numel()
+        if width < 2:
+            for i in group:
+                results[i] = _Acc(per_token).result(protocol="line", n_ctx=n_ctx, n_bytes=nb[i],
+                                                    n_predictable=max(seqs[i].numel() - 1, 0))
+        else:
+            batch = torch.full((len(group), width), pad_id, dtype=torch.long)
+            for row, i in enumerate(group):
+                batch[row, : seqs[i].numel()] = seqs[i]
+            logits = decoder(batch.to(device), None)
+            for row, i in enumerate(group):
+                m = seqs[i].numel()
+                acc = _Acc(per_token)
+                if m >= 2:
+                    acc.add(logits[row, : m - 1], seqs[i][1:].to(logits.device),
+                            torch.arange(1, m) if per_token else None)
+                results[i] = acc.result(protocol="line", n_ctx=n_ctx, n_bytes=nb[i], n_predictable=max(m - 1, 0))
+            del logits
+        done += len(group)
+        if progress is not None:
+            progress(done, len(seqs))
+    return results
