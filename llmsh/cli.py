@@ -51,6 +51,12 @@ class LlmshGroup(click.Group):
             self.add_command(getattr(importlib.import_module(module), attr), name)
         return self.commands.get(name)
 
+    def parse_args(self, ctx, args):
+        # `llmsh -m MODEL` (options but no command) means the default command with those options.
+        if args and args[0].startswith("-") and args[0] not in ("-h", "--help", "-V", "--version"):
+            args = [default_command()] + list(args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -62,8 +68,13 @@ class LlmshGroup(click.Group):
             rv = super().main(args, prog_name or "llmsh", complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
             output.stdout().flush()
+        except click.UsageError as e:
+            # One line like every other error, with where to look (instead of click's usage block).
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            output.error(e.format_message().rstrip(".") + hint)
+            code = e.exit_code
         except click.ClickException as e:
-            e.show()
+            output.error(e.format_message())
             code = e.exit_code
         except (click.Abort, KeyboardInterrupt):
             code = EXIT_INTERRUPT
@@ -96,14 +107,15 @@ def _broken_pipe() -> int:
     return 141  # 128 + SIGPIPE, what a shell reports for a process killed by a closed pipe
 
 
-@click.group(cls=LlmshGroup, invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
+@click.group("llmsh", cls=LlmshGroup, invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "-V", "--version", prog_name="llmsh", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx):
     """A command-line LLM shell: chat, generate, score and tokenize with a local model.
 
     With no command, llmsh starts "chat" when stdin is a terminal, and runs "generate" on the
-    piped text otherwise, as llm does: echo "Name three colors." | llmsh answers once.
+    piped text otherwise, as llm does: echo "Name three colors." | llmsh answers once. Options
+    given without a command go to that command: llmsh -m ./my-model --temperature 0.7
 
     Every model command takes -m/--model (a model folder, a .gguf file or a registry name;
     env LLMSH_MODEL), --device and --dtype. Without -m, the default model (SmolLM2-135M-Instruct)
@@ -119,17 +131,22 @@ def cli(ctx):
       llmsh COMMAND --help
     """
     if ctx.invoked_subcommand is None:
-        name = "chat" if output.stdin_is_terminal() else "generate"
+        name = default_command()
         cmd = ctx.command.get_command(ctx, name)
         with cmd.make_context(name, [], parent=ctx) as sub:
             cmd.invoke(sub)
+
+
+def default_command() -> str:
+    """What plain `llmsh` runs: chat on a terminal, generate when text is piped in."""
+    return "chat" if output.stdin_is_terminal() else "generate"
 
 
 def _write_json(obj) -> None:
     click.echo(json.dumps(obj, ensure_ascii=False, allow_nan=False))
 
 
-@cli.command(context_settings=CONTEXT_SETTINGS)
+@cli.command(context_settings=CONTEXT_SETTINGS, short_help="Generate a reply to a prompt, streamed to stdout.")
 @click.argument("prompt", nargs=-1)
 @model_options
 @click.option("--chat/--raw", "chat_mode", default=None,
@@ -238,7 +255,7 @@ def encode_chat(lm, messages: list[dict]) -> list[int]:
     return encoder.encode([Message(m["role"], m["content"]) for m in messages])
 
 
-@cli.command(context_settings=CONTEXT_SETTINGS)
+@cli.command(context_settings=CONTEXT_SETTINGS, short_help="Chat interactively (or answer piped text once).")
 @model_options
 @click.option("--n-ctx", type=click.IntRange(16), default=None, metavar="N",
               help="Context length in tokens [default: the model's, capped at 8192].")
@@ -263,13 +280,23 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
       llmsh chat -m ./my-model --system "You are a pirate." --temperature 0.7
       echo "Tell me a joke." | llmsh chat
     """
+    import io
+
     from .repl import run_chat
 
+    piped = None
+    if not output.stdin_is_terminal():
+        # Read (and check) the one message before loading the model: a clear error for invalid
+        # UTF-8 or empty input, and no wait for the model when there is nothing to answer.
+        piped = output.read_stdin()
+        if not piped.strip():
+            raise InputError("empty input on stdin: nothing to send")
     lm = load(model, device, dtype)
     params = sampling_params(lm.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     return run_chat(lm, params=params, n_ctx=n_ctx, system=system, max_tokens=max_tokens,
-                    stats=stats, history=not no_history)
+                    stats=stats, history=not no_history,
+                    stdin=io.StringIO(piped) if piped is not None else None)
 
 
 from .cli_models import convert, info, models, pull  # noqa: E402  (they use the helpers above)

@@ -15,7 +15,7 @@ def _json_line(obj) -> None:
     click.echo(json.dumps(obj, ensure_ascii=False))
 
 
-@click.command(context_settings=CONTEXT_SETTINGS)
+@click.command(context_settings=CONTEXT_SETTINGS, short_help="Show a model's architecture, size, context and tokens.")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(model, device, dtype, as_json):
@@ -79,7 +79,7 @@ def info(model, device, dtype, as_json):
         click.echo(f"{k + ':':<{width + 1}} {v}")
 
 
-@click.command(context_settings=CONTEXT_SETTINGS)
+@click.command(context_settings=CONTEXT_SETTINGS, short_help="List cached and known models, with sizes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model.")
 def models(as_json):
     """List the models in the cache ($LLMSH_HOME) with their sizes, and the registry's names.
@@ -137,7 +137,7 @@ def _stage_progress():
         yield update
 
 
-@click.command(context_settings=CONTEXT_SETTINGS)
+@click.command(context_settings=CONTEXT_SETTINGS, short_help="Download a registry model and convert it.")
 @click.argument("name", required=False)
 @click.option("--force", is_flag=True, help="Fetch and convert again even if present.")
 def pull(name, force):
@@ -153,13 +153,16 @@ def pull(name, force):
     from . import hub
 
     name = name or hub.DEFAULT_MODEL
-    output.notice(f"pulling {name}")
+    entry = hub.load_registry().get(name)
+    if entry is not None and (force or not (hub.models_dir() / name).is_dir()):
+        size = entry.get("download_bytes")
+        output.notice(f"pulling {name}" + (f" (~{size / 1e6:.0f} MB)" if size else ""))
     with _stage_progress() as progress:
         path = hub.pull(name, progress=progress, force=force)
     click.echo(str(path))
 
 
-@click.command(context_settings=CONTEXT_SETTINGS)
+@click.command(context_settings=CONTEXT_SETTINGS, short_help="Convert a GGUF file into a model folder.")
 @click.argument("gguf_file", metavar="MODEL.gguf",
                 type=click.Path(exists=True, dir_okay=False, readable=True))
 @click.argument("out_dir", type=click.Path(file_okay=False))

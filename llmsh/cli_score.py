@@ -33,7 +33,7 @@ def _result_line(source, r) -> str:
             f"{r.bits_per_byte:.4f} bits/byte, {r.n_tokens} tokens scored ({proto}, n_ctx {r.n_ctx})")
 
 
-@click.command(context_settings=CONTEXT_SETTINGS)
+@click.command(context_settings=CONTEXT_SETTINGS, short_help="Score text: perplexity, NLL, bits per byte (alias: ppl).")
 @click.argument("files", nargs=-1, metavar="[FILE]...")
 @model_options
 @click.option("-c", "--n-ctx", type=click.IntRange(2), default=512, show_default=True,
@@ -155,10 +155,12 @@ def _parse_ids(text: str, vocab_size: int) -> list[int]:
     return ids
 
 
-@click.command(context_settings=CONTEXT_SETTINGS)
+@click.command(context_settings=CONTEXT_SETTINGS, short_help="Show the token ids of text; --pieces, --count, --decode.")
 @click.argument("text", required=False)
 @model_options
-@click.option("--pieces", is_flag=True, help="Print each token's id and text, one per line.")
+@click.option("--pieces", is_flag=True,
+              help="Print each token's id and text (JSON-quoted), one per line. A token that is only "
+                   "part of a character shows as \"\"; the character goes with the token completing it.")
 @click.option("--count", is_flag=True, help="Print only the number of tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, pieces and count.")
 @click.option("--no-bos", is_flag=True, help="Do not add BOS even if the tokenizer normally does.")
@@ -206,7 +208,7 @@ def tokenize(text, model, device, dtype, pieces, count, as_json, no_bos, parse_s
     if count:
         click.echo(str(len(ids)))
         return
-    texts = [tok.decode([i]) for i in ids]
+    texts = _pieces(tok, ids)
     if as_json:
         click.echo(json.dumps({"ids": ids, "pieces": texts, "count": len(ids)}, ensure_ascii=False))
         return
@@ -218,10 +220,17 @@ def tokenize(text, model, device, dtype, pieces, count, as_json, no_bos, parse_s
     for i, t in zip(ids, texts):
         click.echo(f"{i:>{width}}\t{json.dumps(t, ensure_ascii=False)}")
     if output.color_enabled(out) and ids:
-        dec = tok.stream_decoder()
-        segs = [dec.step(i) for i in ids]
-        segs[-1] += dec.flush()
-        click.echo("\n" + output.alternate_colors(segs, out))
+        click.echo("\n" + output.alternate_colors(texts, out))
+
+
+def _pieces(tok, ids: list[int]) -> list[str]:
+    """Each token's text such that the pieces join into the decoded text: a token holding only part
+    of a UTF-8 character gets "" and the character goes with the token that completes it."""
+    dec = tok.stream_decoder()
+    texts = [dec.step(i) for i in ids]
+    if texts:
+        texts[-1] += dec.flush()
+    return texts
 
 
 def _load_tokenizer_only(model, device, dtype):

@@ -31,7 +31,7 @@ def is_terminal(stream) -> bool:
 
 def stdin_is_terminal() -> bool:
     """True when stdin is a terminal, i.e. nothing is piped in."""
-    return is_terminal(click.get_text_stream("stdin"))
+    return is_terminal(sys.stdin)
 
 
 def color_enabled(stream) -> bool:
@@ -44,11 +44,11 @@ def color_enabled(stream) -> bool:
 
 
 def stdout():
-    return click.get_text_stream("stdout")
+    return sys.stdout  # looked up at call time: click's CliRunner swaps the sys streams
 
 
 def stderr():
-    return click.get_text_stream("stderr")
+    return sys.stderr
 
 
 def error(message: str) -> None:
@@ -79,7 +79,9 @@ def decode_bytes(data: bytes, *, errors: str = "strict", source: str = "stdin") 
 
 def read_stdin(*, errors: str = "strict") -> str:
     """Read all of stdin as text, exactly as given (no newline stripping). See :func:`decode_bytes`."""
-    return decode_bytes(click.get_binary_stream("stdin").read(), errors=errors)
+    stream = sys.stdin
+    data = stream.buffer.read() if hasattr(stream, "buffer") else stream.read().encode("utf-8")
+    return decode_bytes(data, errors=errors)
 
 
 def read_file(path: str, *, errors: str = "strict") -> str:
