@@ -1,0 +1,256 @@
+"""The chat REPL driven through prompt-toolkit's pipe input (and once under a real pseudo-terminal).
+
+Replies come from a tiny random model, so tests check the conversation's structure (saved JSON,
+statistics, notices) rather than the text; the text itself is checked against transformers in
+test_session.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli_fixtures import chat_model  # noqa: F401  (fixture)
+from llmsh.errors import InputError
+from llmsh.repl import EXIT_HINT, _completer, read_message, run_chat
+from llmsh.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def lm(chat_model):  # noqa: F811
+    from llmsh.loader import load_model
+
+    return load_model(str(chat_model), device="cpu", dtype="float32")
+
+
+def drive(lm, keys: str, **kw) -> tuple[int, str, str]:
+    """Run the REPL on ``keys`` typed at the prompt; return (exit status, stdout, stderr)."""
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    out, err = io.StringIO(), io.StringIO()
+    kw.setdefault("params", GREEDY)
+    kw.setdefault("max_tokens", 5)
+    kw.setdefault("history", False)
+    with create_pipe_input() as inp:
+        inp.send_text(keys)
+        rc = run_chat(lm, input=inp, output=DummyOutput(), stdout=out, stderr=err, **kw)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def saved(path: Path) -> list[dict]:
+    return json.loads(path.read_text(encoding="utf-8"))["messages"]
+
+
+def test_messages_multiline_input_and_save(lm, tmp_path):
+    f = tmp_path / "c.json"
+    keys = ('hello\nline1 \\\nline2\n"""\nblock a\n\nblock b\n"""\n"""one line"""\n'
+            f"/save {f}\n/exit\n")
+    rc, out, err = drive(lm, keys)
+    assert rc == 0
+    users = [m["content"] for m in saved(f) if m["role"] == "user"]
+    assert users == ["hello", "line1 \nline2", "block a\n\nblock b", "one line"]
+    replies = [m["content"] for m in saved(f) if m["role"] == "assistant"]
+    assert out == "".join(r + "\n" for r in replies)  # streamed replies, each ending a line
+    assert "\x1b" not in out + err  # not a terminal: no escape codes
+
+
+def test_slash_commands(lm, tmp_path):
+    f = tmp_path / "c.json"
+    keys = ("/help\n/set temperature 0.5\n/set top_k 3\n/set max_tokens 3\n/set seed 42\n"
+            "/set top_p 3\n/set temprature 1\n/set top_k x\n/system Talk like a pirate.\n/show\n"
+            f"/foo\n/stats\nhi\n/save {f}\n/system\n/clear\n/show\n/quit\n")
+    rc, out, err = drive(lm, keys)
+    assert rc == 0
+    for name in ("/undo", "/regen", "/save", "/read", "/set"):
+        assert name in err  # /help
+    assert "error: top_p must be in [0, 1], got 3.0" in err
+    assert "error: usage: /set PARAM VALUE" in err
+    assert "error: /set top_k: 'x' is not a valid value" in err
+    assert "error: unknown command /foo" in err
+    assert "temperature=0.5, top_k=3, top_p=1.0" in err and "seed=42" in err and "max_tokens=3" in err
+    assert "system: 'Talk like a pirate.'" in err and "system: None" in err
+    assert "context: 0/" in err  # after /clear
+    assert "3 tokens," in err or "finish: stop" in err  # the /stats line, max_tokens 3
+    data = json.loads(f.read_text(encoding="utf-8"))
+    assert data["system"] == "Talk like a pirate." and len(data["messages"]) == 2
+
+
+def test_stats_line_shows_cache_reuse(lm):
+    rc, out, err = drive(lm, "first message\nsecond message\n/exit\n", stats=True)
+    lines = [ln for ln in err.splitlines() if "tokens/s" in ln]
+    assert len(lines) == 2
+    assert "reused 0/" in lines[0]
+    reused, total = lines[1].split("reused ")[1].split(" ")[0].split("/")
+    assert 0 < int(reused) < int(total)  # only the new turn was prefilled
+    assert "TTFT" in lines[1] and "context " in lines[1]
+
+
+def test_undo_and_regen(lm, tmp_path):
+    f, g = tmp_path / "a.json", tmp_path / "b.json"
+    rc, out, err = drive(lm, f"one\ntwo\n/undo\n/save {f}\n/regen\n/save {g}\n/undo\n/undo\n/regen\n/exit\n")
+    assert [m["content"] for m in saved(f)][0] == "one" and len(saved(f)) == 2
+    assert saved(f) == saved(g)  # greedy: /regen gives the same reply back
+    assert "dropped the last exchange: 'two'" in err
+    assert "error: nothing to undo" in err and "error: nothing to regenerate" in err
+    assert out.count(saved(f)[1]["content"] + "\n") >= 2
+
+
+def test_save_then_load_round_trip(lm, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    drive(lm, f"/system be brief\nhello <|im_end|> there\nsecond\n/save {a}\n/exit\n")
+    rc, out, err = drive(lm, f"/load {a}\n/save {b}\n/load {tmp_path / 'missing.json'}\n/exit\n")
+    assert json.loads(a.read_text())["messages"] == json.loads(b.read_text())["messages"]
+    assert json.loads(b.read_text())["system"] == "be brief"
+    assert "loaded 4 messages" in err and "error: cannot read" in err
+
+
+def test_read_sends_a_file(lm, tmp_path):
+    (tmp_path / "q.txt").write_text("Café question\nsecond line\n", encoding="utf-8")
+    f = tmp_path / "c.json"
+    drive(lm, f"/read {tmp_path / 'q.txt'}\n/read {tmp_path / 'nope.txt'}\n/save {f}\n/exit\n")
+    assert saved(f)[0]["content"] == "Café question\nsecond line\n"
+    assert len(saved(f)) == 2
+
+
+def test_ctrl_c_at_the_prompt_and_ctrl_d(lm):
+    rc, out, err = drive(lm, "\x03half typed\x03\x04")
+    assert rc == 0 and err.count(EXIT_HINT) == 1 and out == ""  # text + Ctrl-C discards the line
+
+
+def test_ctrl_c_mid_reply_returns_to_the_prompt(lm, tmp_path, monkeypatch):
+    import llmsh.generate as g
+
+    real, calls = g.generate_tokens, []
+
+    def fake(*a, **kw):  # the first reply is interrupted after 2 tokens, as Ctrl-C would
+        calls.append(1)
+        for i, t in enumerate(real(*a, **kw)):
+            if i == 2 and len(calls) == 1:
+                raise KeyboardInterrupt
+            yield t
+
+    monkeypatch.setattr(g, "generate_tokens", fake)
+    f = tmp_path / "c.json"
+    rc, out, err = drive(lm, f"first\nsecond\n/save {f}\n/exit\n", max_tokens=6, stats=True)
+    assert rc == 0 and "[interrupted" in err
+    msgs = saved(f)
+    assert [m.get("interrupted", False) for m in msgs] == [False, True, False, False]
+    assert "finish: interrupted" in err
+    reused = int(err.split("reused ")[2].split("/")[0])
+    assert reused > 0  # the cache survived the interruption
+
+
+def test_context_overflow_drops_old_turns(lm, tmp_path):
+    f = tmp_path / "c.json"
+    turns = "".join(f"this is message number {i}\n" for i in range(8))
+    rc, out, err = drive(lm, f"/system keep me\n{turns}/save {f}\n{'long ' * 100}\n/exit\n",
+                         n_ctx=64, max_tokens=4)
+    assert rc == 0 and "dropped the" in err
+    data = json.loads(f.read_text())
+    assert data["system"] == "keep me"
+    assert data["messages"][-2]["content"] == "this is message number 7"
+    assert data["messages"][0]["content"] != "this is message number 0"
+    assert "error: message with the system message too long for the context" in err
+
+
+def test_completion_of_slash_commands():
+    from prompt_toolkit.document import Document
+
+    def complete(text):
+        return [c.text for c in _completer().get_completions(Document(text), None)]
+
+    assert complete("/re") == ["/regen", "/read"]
+    assert complete("/set t") == ["temperature", "top_k", "top_p"]
+    assert complete("hello /re") == []
+
+
+def test_read_message_continuations():
+    def feed(*lines):
+        it = iter(lines)
+        return read_message(lambda prompt: next(it))
+
+    assert feed("a\\", "b\\", "c") == "a\nb\nc"
+    assert feed('"""', "x", "", "y", '"""') == "x\n\ny"
+    assert feed('"""first', 'last"""') == "first\nlast"
+    assert feed("plain") == "plain"
+
+
+def test_history_file_is_private(lm, tmp_path):
+    h = tmp_path / "hist" / "chat_history"
+    drive(lm, "remember me\n/exit\n", history=h)
+    assert stat.S_IMODE(h.stat().st_mode) == 0o600
+    assert "remember me" in h.read_text(encoding="utf-8")
+
+
+def test_default_history_location_follows_xdg(monkeypatch, tmp_path):
+    from llmsh.repl import history_path
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    if sys.platform.startswith("linux"):
+        assert history_path() == tmp_path / "llmsh" / "chat_history"
+
+
+def test_piped_stdin_is_one_message(lm):
+    out, err = io.StringIO(), io.StringIO()
+    rc = run_chat(lm, params=GREEDY, max_tokens=4, stdin=io.StringIO("hi\nthere\n"), stdout=out,
+                  stderr=err, interactive=False)
+    assert rc == 0 and out.getvalue().endswith("\n") and err.getvalue() == ""
+    with pytest.raises(InputError, match="no message on stdin"):
+        run_chat(lm, params=GREEDY, stdin=io.StringIO(" \n"), stdout=out, stderr=err, interactive=False)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="needs a POSIX pty")
+def test_chat_under_a_real_terminal(chat_model, tmp_path):  # noqa: F811
+    """``llmsh chat`` in a subprocess on a pseudo-terminal: prompt, reply, /exit, exit status 0."""
+    import pty
+    import select
+    import subprocess
+    import time
+
+    pytest.importorskip("llmsh.cli")
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path), LLMSH_HOME=str(tmp_path / "home"),
+               NO_COLOR="1", TERM="xterm")
+    main, child = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmsh.cli", "chat", "-m", str(chat_model), "--temperature", "0",
+         "-n", "4", "--stats"],
+        stdin=child, stdout=child, stderr=child, env=env, cwd=Path(__file__).parents[1], close_fds=True)
+    os.close(child)
+    seen = b""
+
+    def wait_for(needle: bytes, count: int = 1, timeout: float = 60) -> None:
+        nonlocal seen
+        end = time.monotonic() + timeout
+        while seen.count(needle) < count:
+            left = end - time.monotonic()
+            assert left > 0 and proc.poll() is None, f"waiting for {needle!r}, got {seen[-2000:]!r}"
+            if select.select([main], [], [], min(left, 1.0))[0]:
+                try:
+                    data = os.read(main, 65536)
+                except OSError:
+                    break
+                if b"\x1b[6n" in data:  # answer cursor-position requests as a terminal would
+                    os.write(main, b"\x1b[1;1R")
+                seen += data
+
+    try:
+        wait_for(b">>>")
+        os.write(main, b"hello\r")
+        wait_for(b"tokens/s")
+        wait_for(b">>>", 2)
+        os.write(main, b"/exit\r")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
+    assert (tmp_path / "llmsh" / "chat_history").is_file()
