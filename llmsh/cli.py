@@ -179,10 +179,10 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, temper
       llmsh generate --raw -n 40 --temperature 0.8 --seed 1 "The quick brown fox"
       llmsh generate --json --stop "." "Say hi" | jq .text
     """
+    text = read_prompt(prompt)  # before torch is imported: bad input fails at once
     from .cache import KVCache
     from .generate import GenerationStats, generate_text
 
-    text = read_prompt(prompt)
     lm = load(model, device, dtype)
     tok = lm.tokenizer
     if chat_mode is None:

@@ -1,0 +1,139 @@
+"""The command line as a real process: pipes, a pseudo-terminal, signals, exit codes.
+
+Each run starts a Python interpreter and imports torch (a second or two), so the cases here are
+the ones CliRunner cannot show: real stdin/stdout pipes, isatty, NO_COLOR, SIGINT, a reader that
+goes away (``| head``), and the default model end to end (marked ``default_model``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cli_fixtures import LONG_TEXT, chat_model, hf_tokenizer  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = {k: v for k, v in os.environ.items() if k not in ("LLMSH_MODEL", "NO_COLOR", "TERM")}
+    e["LLMSH_HOME"] = str(tmp_path / "home")
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def llmsh(args, *, input=b"", env, timeout=120, **kw):
+    return subprocess.run([sys.executable, "-m", "llmsh", *args], input=input, capture_output=True,
+                          env=env, cwd=ROOT, timeout=timeout, **kw)
+
+
+def test_generate_through_pipes(chat_model, env):
+    m = ["-m", str(chat_model), "--raw", "-n", "5"]
+    arg = llmsh(["generate", *m, "--json", "notes: the fox\n\nSummarize."], env=env)
+    both = llmsh(["generate", *m, "--json", "Summarize."], input=b"notes: the fox\n", env=env)
+    assert arg.returncode == both.returncode == 0, (arg.stderr, both.stderr)
+    a, b = json.loads(arg.stdout), json.loads(both.stdout)
+    assert a == {**b, "timings": a["timings"]}
+    n = len(hf_tokenizer(chat_model)("notes: the fox\n\nSummarize.").input_ids)
+    assert a["prompt_tokens"] == n
+    plain = llmsh(["generate", *m], input=b"Hello there\n", env=env)
+    assert plain.returncode == 0 and plain.stderr == b""
+    assert plain.stdout.endswith(b"\n") and b"\x1b" not in plain.stdout
+
+
+def test_bad_input_exit_codes(chat_model, env):
+    for args, stdin, code, words in [
+        (["generate", "-m", str(chat_model)], b"", 1, b"empty prompt"),
+        (["tokenize", "-m", str(chat_model)], b"\xc3\x28 bad", 1, b"UTF-8"),
+        (["generate", "-m", "/no/such/dir", "hi"], b"", 1, b"/no/such/dir"),
+        (["generate", "--top-p", "2", "hi"], b"", 2, b"0<=x<=1"),
+        (["chat", "-m", str(chat_model)], b"", 1, b"empty"),
+    ]:
+        r = llmsh(args, input=stdin, env=env)
+        assert r.returncode == code, (args, r.stderr)
+        assert r.stderr.startswith(b"llmsh: error: ") and r.stderr.count(b"\n") == 1, r.stderr
+        assert words in r.stderr and b"Traceback" not in r.stderr and r.stdout == b""
+
+
+def test_chat_and_plain_llmsh_with_piped_stdin(chat_model, env):
+    for args in (["chat", "-m", str(chat_model), "-n", "4", "--no-history"], ["-m", str(chat_model), "-n", "4"]):
+        r = llmsh(args, input=b"Hello!\n", env=env)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.endswith(b"\n") and b"\x1b" not in r.stdout and r.stdout.strip()
+
+
+def run_in_pty(args, env):
+    """Run with stdout on a pseudo-terminal (stdin and stderr piped); return what it printed."""
+    leader, follower = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "llmsh", *args], stdin=subprocess.DEVNULL,
+                         stdout=follower, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    assert p.wait(timeout=60) == 0, p.stderr.read()
+    return out
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(chat_model, env):
+    args = ["tokenize", "-m", str(chat_model), "--pieces", "Hello world"]
+    piped = llmsh(args, env=env)
+    assert piped.returncode == 0 and b"\x1b" not in piped.stdout
+    assert b"\x1b[" in run_in_pty(args, dict(env, TERM="xterm"))
+    assert b"\x1b" not in run_in_pty(args, dict(env, TERM="xterm", NO_COLOR="1"))
+
+
+def test_closed_pipe_ends_quietly(chat_model, env):
+    # Far more output than a pipe buffer holds, so the writer is still writing when we leave.
+    p = subprocess.Popen([sys.executable, "-m", "llmsh", "tokenize", "-m", str(chat_model), "--pieces"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env, cwd=ROOT)
+    p.stdin.write((LONG_TEXT * 20).encode())
+    p.stdin.close()
+    assert p.stdout.readline()
+    p.stdout.close()
+    assert p.wait(timeout=60) == 141
+    assert p.stderr.read() == b""
+
+
+def test_ctrl_c_exits_130_without_traceback(chat_model, env):
+    p = subprocess.Popen([sys.executable, "-m", "llmsh", "generate", "-m", str(chat_model), "--raw",
+                          "-n", "250", "Hello"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    deadline = time.time() + 60
+    while time.time() < deadline and not select.select([p.stdout], [], [], 0.1)[0]:
+        pass
+    os.read(p.stdout.fileno(), 1)  # it is streaming now
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+    assert out.endswith(b"\n")
+
+
+@pytest.mark.default_model
+def test_default_model_answers(env):
+    env = dict(env)
+    env.pop("LLMSH_HOME")  # the user's cache: pulled once, shared with the other default-model tests
+    r = llmsh(["generate", "What is the capital of France?"], env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert b"Paris" in r.stdout and r.stdout.endswith(b"\n")
+    r = llmsh(["generate", "-n", "40"], input=b"Name three colors.\n", env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
