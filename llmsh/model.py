@@ -238,7 +238,8 @@ class Decoder(nn.Module):
 
     Submodules: ``model`` (llama family) or ``transformer`` (gpt2), and ``lm_head`` (its weight
     is the embedding's when ``tie_word_embeddings``). RoPE cos/sin tables are non-persistent
-    buffers for ``max_position_embeddings`` positions, grown on demand past that; they follow
+    buffers for min(max_position_embeddings, 4096) positions, grown by :meth:`ensure_positions`
+    (called by :meth:`new_cache` for the cache size, and on demand by forward); they follow
     the module's device and dtype like transformers' (computed in float32, then cast).
     """
 
@@ -252,7 +253,8 @@ class Decoder(nn.Module):
             self.model = LlamaModel(config)
             embed = self.model.embed_tokens
             self._inv_freq = rope_inv_freq(config)           # kept float32 on CPU for regrowth
-            cos, sin = rope_tables(self._inv_freq, config.max_position_embeddings)
+            # Capped: a 128k-position float32 table would cost ~130 MB; grown by ensure_positions.
+            cos, sin = rope_tables(self._inv_freq, min(config.max_position_embeddings, 4096))
             self.register_buffer("rope_cos", cos, persistent=False)   # (P, D)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -268,16 +270,22 @@ class Decoder(nn.Module):
             self.lm_head.weight = embed.weight
 
     def new_cache(self, max_seq_len: int, batch_size: int = 1) -> KVCache:
-        """A KV cache on this decoder's device and dtype."""
+        """A KV cache on this decoder's device and dtype (RoPE tables grown to fit it)."""
         p = self.lm_head.weight
+        self.ensure_positions(max_seq_len)
         return KVCache.for_model(self.config, max_seq_len, batch_size, dtype=p.dtype, device=p.device)
+
+    def ensure_positions(self, n: int) -> None:
+        """Make the RoPE tables cover positions 0..n-1 (no-op for gpt2 or when they do)."""
+        if self.config.is_gpt2 or n <= self.rope_cos.shape[0]:
+            return
+        cos, sin = rope_tables(self._inv_freq, n)
+        self.rope_cos = cos.to(self.rope_cos)          # keeps the buffers' device and dtype
+        self.rope_sin = sin.to(self.rope_sin)
 
     def _rope(self, offset: int, t: int):
         if offset + t > self.rope_cos.shape[0]:
-            n = max(offset + t, 2 * self.rope_cos.shape[0])
-            cos, sin = rope_tables(self._inv_freq, n)
-            self.rope_cos = cos.to(self.rope_cos)
-            self.rope_sin = sin.to(self.rope_sin)
+            self.ensure_positions(max(offset + t, 2 * self.rope_cos.shape[0]))
         return self.rope_cos[offset:offset + t], self.rope_sin[offset:offset + t]   # (T, D)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,

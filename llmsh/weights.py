@@ -104,6 +104,22 @@ def _keys(path: Path) -> set[str]:
         raise WeightsError(f"{path}: corrupt or truncated safetensors file ({_short(e)})") from None
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _file_dtype_is(path: Path, dtype: torch.dtype) -> bool:
+    """Whether every floating tensor of the safetensors file ``path`` is stored as ``dtype``."""
+    from safetensors import safe_open
+
+    want = _ST_DTYPES.get(dtype)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            kinds = {f.get_slice(k).get_dtype() for k in f.keys()}
+    except Exception as e:
+        raise WeightsError(f"{path}: corrupt or truncated safetensors file ({_short(e)})") from None
+    return all(k == want or not k.startswith(("F", "BF")) for k in kinds)
+
+
 def _short(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
@@ -122,27 +138,41 @@ def _our_name(config: ModelConfig, key: str) -> str | None:
     return key
 
 
-def _iter_tensors(model_dir, config: ModelConfig):
-    """Yield (our name, tensor in file dtype on CPU, file) for every kept checkpoint tensor."""
+def _iter_tensors(model_dir, config: ModelConfig, convert=None, reopen=False):
+    """Yield (our name, tensor, file) for every kept checkpoint tensor, ``convert``-ed if given.
+
+    Tensors come memory-mapped on CPU in the file's dtype. With ``reopen`` the file is opened
+    per tensor: a mapping lives while any tensor from it does, so when tensors are converted
+    (copied) a single handle would keep every page already read resident next to the copies.
+    """
     from safetensors import safe_open
 
     files = checkpoint_files(model_dir)
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
-    for f, names in by_file.items():
+
+    def read(sf, f, key, ours):
         try:
-            with safe_open(str(f), framework="pt") as sf:
-                for key in names:
-                    ours = _our_name(config, key)
-                    if ours is None:
-                        continue
-                    try:
-                        t = sf.get_tensor(key)
-                    except Exception as e:
-                        raise WeightsError(f"{f}: cannot read tensor {key!r} ({_short(e)})") from None
-                    if config.is_gpt2 and ours.endswith(_CONV1D):
-                        t = t.t()
+            t = sf.get_tensor(key)
+        except Exception as e:
+            raise WeightsError(f"{f}: cannot read tensor {key!r} ({_short(e)})") from None
+        if config.is_gpt2 and ours.endswith(_CONV1D):
+            t = t.t()
+        return convert(ours, t, f) if convert is not None else t
+
+    for f, names in by_file.items():
+        keys = [(k, _our_name(config, k)) for k in names]
+        keys = [(k, o) for k, o in keys if o is not None]
+        try:
+            if not reopen:
+                with safe_open(str(f), framework="pt") as sf:
+                    for key, ours in keys:
+                        yield ours, read(sf, f, key, ours), f
+            else:
+                for key, ours in keys:
+                    with safe_open(str(f), framework="pt") as sf:
+                        t = read(sf, f, key, ours)
                     yield ours, t, f
         except WeightsError:
             raise
@@ -177,8 +207,8 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto")
     expected = {k: v.shape for k, v in decoder.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    state: dict[str, torch.Tensor] = {}
-    for name, t, f in _iter_tensors(model_dir, config):
+
+    def convert(name, t, f):
         if name not in expected:
             raise WeightsError(f"{f}: unexpected tensor {name!r} for a {config.model_type} model")
         if tuple(t.shape) != tuple(expected[name]):
@@ -186,7 +216,12 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto")
                                f"config expects {tuple(expected[name])}")
         if t.is_floating_point():
             t = t.to(device=dev, dtype=dt)
-        state[name] = t.contiguous() if not t.is_contiguous() else t
+        return t if t.is_contiguous() else t.contiguous()
+
+    # Without a cast, tensors stay memory-mapped (shared with the page cache, one map per file).
+    in_place = dev.type == "cpu" and all(
+        _file_dtype_is(f, dt) for f in set(checkpoint_files(model_dir).values()))
+    state = {name: t for name, t, _ in _iter_tensors(model_dir, config, convert, reopen=not in_place)}
     missing = [k for k in expected if k not in state]
     if missing:
         raise WeightsError(f"{Path(model_dir)}: tensor {missing[0]!r} missing from the checkpoint"
