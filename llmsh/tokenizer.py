@@ -64,33 +64,35 @@ class StreamDecoder:
     decode of ``ids[prefix:read]`` once it does not end in an incomplete character (U+FFFD).
     Both decodes start at the same token, so a stripped leading space cancels out. Cost per
     token is one decode of a few-token window, not of the whole sequence.
+
+    A sequence cut inside a character ends in U+FFFD after ``flush()``. With a tokenizer.json
+    byte-fallback decoder, whose full decode replaces every byte of an invalid ``<0xNN>`` run,
+    complete characters of that last run that were already streamed stay as they were.
     """
 
     def __init__(self, decode, skip_special: bool = False):
         self._decode = lambda ids: decode(ids, skip_special=skip_special)
-        self._ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-        self._prefix_text = ""
+        self._ids: list[int] = []  # window: ids of the last emitted chunk, then pending ids
+        self._done = 0  # how many ids at the window's start belong to the last emitted chunk
+        self._done_text = ""  # decode(self._ids[:self._done])
 
     def step(self, token_id: int) -> str:
         """Add one token id; return the text newly complete ("" while a character is pending)."""
         self._ids.append(int(token_id))
-        text = self._decode(self._ids[self._prefix:])
-        if len(text) <= len(self._prefix_text) or text.endswith("\ufffd"):
+        text = self._decode(self._ids)
+        if len(text) <= len(self._done_text) or text.endswith("\ufffd"):
             return ""
-        out = text[len(self._prefix_text):]
-        # keep only the window: the tokens just emitted become the next diff's prefix
-        self._ids = self._ids[self._read:]
-        self._prefix, self._read = 0, len(self._ids)
-        self._prefix_text = self._decode(self._ids)
+        out = text[len(self._done_text):]
+        # slide: the ids just emitted become the next window's prefix
+        self._ids = self._ids[self._done:]
+        self._done = len(self._ids)
+        self._done_text = self._decode(self._ids)
         return out
 
     def flush(self) -> str:
         """Return whatever is still pending (possibly U+FFFD for a truncated character) and reset."""
-        text = self._decode(self._ids[self._prefix:])
-        out = text[len(self._prefix_text):]
-        self._ids, self._prefix, self._read, self._prefix_text = [], 0, 0, ""
+        out = self._decode(self._ids)[len(self._done_text):]
+        self._ids, self._done, self._done_text = [], 0, ""
         return out
 
 
@@ -104,6 +106,7 @@ class _DecodeStreamAdapter(StreamDecoder):
         self._skip = skip_special
         self._check = check
         self._ds = DecodeStream(skip_special_tokens=skip_special)
+        self._last: list[int] = []  # ids behind the last emitted chunk: context for flush()
         self._pending: list[int] = []
 
     def step(self, token_id: int) -> str:
@@ -113,12 +116,17 @@ class _DecodeStreamAdapter(StreamDecoder):
         out = self._ds.step(self._tk, int(token_id))
         if out is None:
             return ""
-        self._pending = []
+        self._last, self._pending = self._pending, []
         return out
 
     def flush(self) -> str:
-        # DecodeStream holds back an incomplete character forever; the full decode shows it as U+FFFD
-        out = self._tk.decode(self._pending, skip_special_tokens=self._skip) if self._pending else ""
+        # DecodeStream holds an incomplete character back forever; the full decode shows it as
+        # U+FFFD. Diff against the last chunk's ids so a decoder's leading-space strip cancels out.
+        out = ""
+        if self._pending:
+            dec = lambda ids: self._tk.decode(ids, skip_special_tokens=self._skip)  # noqa: E731
+            base = dec(self._last)
+            out = dec(self._last + self._pending)[len(base):]
         self.__init__(self._tk, self._skip, self._check)
         return out
 
