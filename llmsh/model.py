@@ -260,8 +260,8 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = embed.weight
-        self._windows = sorted({layer.self_attn.window for layer in self.model.layers}, key=str) \
-            if not config.is_gpt2 else [None]
+        # Distinct attention windows (None = full): one mask per window per forward.
+        self._windows = {None} if config.is_gpt2 else {l.self_attn.window for l in self.model.layers}
 
     def tie_weights(self) -> None:
         """Re-point ``lm_head.weight`` at the embedding (after loading with ``assign=True``)."""
