@@ -105,8 +105,9 @@ def stats_line(session: ChatSession) -> str:
             f"finish: {s.finish_reason}")
 
 
-def _stream(session: ChatSession, reply, p: _Printer, show_stats: bool) -> None:
-    """Print a reply iterator as it comes; Ctrl-C stops it and keeps the session consistent."""
+def _stream(session: ChatSession, reply, p: _Printer, show_stats: bool, *, interactive: bool = True) -> None:
+    """Print a reply iterator as it comes; Ctrl-C stops it and keeps the session consistent
+    (and, when not interactive, propagates so that the command exits)."""
     last = "\n"
     try:
         for piece in reply:
@@ -116,6 +117,8 @@ def _stream(session: ChatSession, reply, p: _Printer, show_stats: bool) -> None:
         reply.close()
         if last != "\n":
             p.piece("\n")
+        if not interactive:
+            raise
         p.info("[interrupted: the partial reply is kept; /regen for a new one, /undo to drop it]", "yellow")
     else:
         if last != "\n":
@@ -324,7 +327,7 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
         text = stdin.read()
         if not text.strip():
             raise InputError("no message on stdin (pipe one in, e.g. echo hi | llmsh chat)")
-        _stream(session, session.send(text.rstrip("\n")), p, stats)
+        _stream(session, session.send(text.rstrip("\n")), p, stats, interactive=False)
         return 0
     return _loop(session, p, stats, history, input, output)
 

@@ -208,6 +208,25 @@ def test_piped_stdin_is_one_message(lm):
         run_chat(lm, params=GREEDY, stdin=io.StringIO(" \n"), stdout=out, stderr=err, interactive=False)
 
 
+def test_piped_ctrl_c_propagates(lm, monkeypatch):
+    import llmsh.generate as g
+
+    real = g.generate_tokens
+
+    def fake(*a, **kw):
+        for i, t in enumerate(real(*a, **kw)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield t
+
+    monkeypatch.setattr(g, "generate_tokens", fake)
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):  # the command exits (130) instead of carrying on
+        run_chat(lm, params=GREEDY, max_tokens=4, stdin=io.StringIO("hi"), stdout=out,
+                 stderr=io.StringIO(), interactive=False)
+    assert out.getvalue() == "" or out.getvalue().endswith("\n")
+
+
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="needs a POSIX pty")
 def test_chat_under_a_real_terminal(chat_model, tmp_path):  # noqa: F811
     """``llmsh chat`` in a subprocess on a pseudo-terminal: prompt, reply, /exit, exit status 0."""
@@ -220,10 +239,19 @@ def test_chat_under_a_real_terminal(chat_model, tmp_path):  # noqa: F811
     env = dict(os.environ, XDG_DATA_HOME=str(tmp_path), LLMSH_HOME=str(tmp_path / "home"),
                NO_COLOR="1", TERM="xterm")
     main, child = pty.openpty()
+
+    def controlling_terminal():  # as a login shell would: a new session with the pty as its tty
+        import fcntl
+        import termios
+
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmsh.cli", "chat", "-m", str(chat_model), "--temperature", "0",
          "-n", "4", "--stats"],
-        stdin=child, stdout=child, stderr=child, env=env, cwd=Path(__file__).parents[1], close_fds=True)
+        stdin=child, stdout=child, stderr=child, env=env, cwd=Path(__file__).parents[1], close_fds=True,
+        preexec_fn=controlling_terminal)
     os.close(child)
     seen = b""
 
@@ -247,6 +275,8 @@ def test_chat_under_a_real_terminal(chat_model, tmp_path):  # noqa: F811
         os.write(main, b"hello\r")
         wait_for(b"tokens/s")
         wait_for(b">>>", 2)
+        os.write(main, b"\x03")  # Ctrl-C at an empty prompt
+        wait_for(b"to leave")
         os.write(main, b"/exit\r")
         assert proc.wait(timeout=60) == 0
     finally:
