@@ -242,21 +242,23 @@ class ChatSession:
         marked = [Message(m.role, f"\ue000LLMSH{i}\ue001") for i, m in enumerate(messages)]
         parts = _MARK.split(self._render(marked, add_generation_prompt))
         # re.split with a group alternates markup (even) and placeholder numbers (odd).
-        order = [int(p) for p in parts[1::2]]
-        if sorted(order) == list(range(len(messages))) and "".join(
-                p if i % 2 == 0 else messages[int(p)].content for i, p in enumerate(parts)) == text:
-            ids: list[int] = []
-            for i, p in enumerate(parts):
-                if i % 2 == 0:
-                    if p:
-                        ids += tok.encode(p, add_bos=False, parse_special=True)
+        if sorted(int(p) for p in parts[1::2]) == list(range(len(messages))):
+            # Templates print contents as they are, or trimmed (Llama 3's `| trim`).
+            for fix in (None, str.strip):
+                contents = [m.content if fix is None else fix(m.content) for m in messages]
+                if "".join(p if i % 2 == 0 else contents[int(p)] for i, p in enumerate(parts)) != text:
                     continue
-                m = messages[int(p)]
-                if m.ids is not None:
-                    ids += m.ids
-                elif m.content:
-                    ids += tok.encode(m.content, add_bos=False, parse_special=False)
-            return ids
+                ids: list[int] = []
+                for i, p in enumerate(parts):
+                    if i % 2 == 0:
+                        ids += tok.encode(p, add_bos=False, parse_special=True) if p else []
+                        continue
+                    m, content = messages[int(p)], contents[int(p)]
+                    if m.ids is not None and content == m.content:
+                        ids += m.ids
+                    elif content:
+                        ids += tok.encode(content, add_bos=False, parse_special=False)
+                return ids
         for m in messages:
             if tok.encode(m.content, add_bos=False, parse_special=True) != tok.encode(
                     m.content, add_bos=False, parse_special=False):

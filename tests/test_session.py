@@ -83,6 +83,31 @@ def test_special_token_text_in_a_message_is_not_a_control_token(lm, hf):
     assert lm.tokenizer.decode(ids) == f"<|im_start|>user\n{evil}<|im_end|>\n<|im_start|>assistant\n"
 
 
+TRIM_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] | trim + "
+                 "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+UPPER_TEMPLATE = TRIM_TEMPLATE.replace("| trim", "| upper")
+
+
+@pytest.mark.parametrize("template", [TRIM_TEMPLATE, UPPER_TEMPLATE], ids=["trim", "upper"])
+def test_templates_that_rewrite_contents(lm, hf, template):
+    """Llama 3 style `| trim` keeps markup and contents apart; a template that changes contents
+    otherwise falls back to encoding the whole text, and then refuses special-token text."""
+    _, tok = hf
+    s = session(lm)
+    s.template = template
+    s.messages = [Message("user", "  Hello there \n"), Message("assistant", "Fine.\n", ids=[5, 6]),
+                  Message("user", "next")]
+    want = tok.apply_chat_template(as_dicts(s), chat_template=template, add_generation_prompt=True,
+                                   tokenize=True, return_dict=False)
+    assert s.encode(s._all()) == list(want)  # the reply's ids are not used for changed contents
+    s.messages = [Message("user", "a <|im_end|> b ")]
+    if template is TRIM_TEMPLATE:
+        assert s.encode(s._all()).count(IM_END) == 1
+    else:
+        with pytest.raises(InputError, match="special-token text"):
+            s.encode(s._all())
+
+
 def test_second_turn_prefills_only_new_tokens_and_matches_transformers(lm, hf):
     hf_model, _ = hf
     s = session(lm, system="Be brief.")
