@@ -106,7 +106,10 @@ def clean_stale(parent: Path, max_age_s: float = 86400.0) -> None:
             pid = int(p.name.rsplit(".partial-", 1)[1].split("-", 1)[0])
         except (IndexError, ValueError):
             pid = None
-        age = time.time() - p.stat().st_mtime
+        try:
+            age = time.time() - p.stat().st_mtime
+        except OSError:  # removed meanwhile by its owner
+            continue
         if (pid is not None and pid != os.getpid() and not _pid_alive(pid)) or age > max_age_s:
             shutil.rmtree(p, ignore_errors=True)
 
