@@ -278,3 +278,41 @@ def test_save_load_round_trip(lm, tmp_path):
         t.load(tmp_path / "missing.json")
     with pytest.raises(InputError, match="cannot write"):
         t.save(tmp_path / "no" / "such" / "dir.json")
+
+
+REF = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="module")
+def default_lm():
+    if not (REF / "smollm2-chat.json").is_file():
+        pytest.skip(f"reference values not found in {REF} (the ../shared folder of the workspace)")
+    from llmsh import hub
+    from llmsh.loader import load_model
+
+    try:
+        return load_model(str(hub.pull(hub.DEFAULT_MODEL)), device="cpu", dtype="float32")
+    except hub.PullError as e:
+        pytest.skip(f"cannot pull the default model: {e}")
+
+
+@pytest.mark.default_model
+@pytest.mark.parametrize("name", ["default_system", "multi_turn"])
+def test_default_model_chat_matches_the_reference(default_lm, name):
+    """SmolLM2-135M-Instruct: the session's prompt ids equal transformers' apply_chat_template and
+    its greedy reply equals transformers' (``../shared/reference/smollm2-chat.json``)."""
+    ref = json.loads((REF / "smollm2-chat.json").read_text(encoding="utf-8"))
+    lm = default_lm
+    conv = ref["conversations"][name]
+    system = next((m["content"] for m in conv if m["role"] == "system"), None)
+    s = ChatSession(lm, system=system, params=GREEDY, max_tokens=16)
+    s.messages = [Message(m["role"], m["content"]) for m in conv[1 if system else 0:-1]]
+    assert s.encode(s._all() + [Message("user", conv[-1]["content"])]) == ref["template_ids"][name]
+    text = "".join(s.send(conv[-1]["content"]))
+    want = ref["greedy_fp32"][name]
+    assert s.messages[-1].ids + [s.last_stats.stop_token_id] == want["new_ids"]
+    assert text == want["text"]
+    # A follow-up turn reuses the whole first exchange.
+    s.set_params(max_tokens=1)
+    "".join(s.send("Thanks!"))
+    assert s.last_stats.reused_tokens >= len(ref["template_ids"][name]) + len(want["new_ids"]) - 1
