@@ -141,7 +141,8 @@ class ChatSession:
         """Add a user message and stream the reply as text pieces; stats land in ``last_stats``.
 
         Raises InputError for an empty message or one that cannot fit in the context (the
-        message is then not kept). Ctrl-C: see :meth:`_reply`.
+        message is then not kept). The reply is generated as the iterator is consumed; Ctrl-C
+        or ``close()`` stops it (see :meth:`_stream`).
         """
         if not text or not text.strip():
             raise InputError("empty message")
@@ -181,7 +182,9 @@ class ChatSession:
         if self.params.seed is not None and self._generator is None:
             self._generator = make_generator(self.params.seed, self.model.device)
         stats = self.last_stats = GenerationStats()
-        max_new = self.n_ctx - len(ids) if self.max_tokens is None else min(self.max_tokens, self.n_ctx - len(ids))
+        max_new = self.n_ctx - len(ids)
+        if self.max_tokens is not None:
+            max_new = min(self.max_tokens, max_new)
         tok = self.model.tokenizer
         tokens = generate_tokens(self.model.decoder, ids[reuse:], self.cache, self.params,
                                  max_new_tokens=max_new, eos_ids=tok.eos_token_ids, stats=stats,
