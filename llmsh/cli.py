@@ -249,10 +249,11 @@ def encode_chat(lm, messages: list[dict]) -> list[int]:
     """Token ids of ``messages`` through the model's chat template (or the fallback, with a
     notice), ready for generation: markup special tokens parsed, message contents taken literally
     (so typed ``<|im_end|>`` stays text), exactly as ``llmsh chat`` encodes a conversation."""
-    from .session import ChatSession, Message
+    from .session import Message, encode_messages
 
-    encoder = ChatSession(lm, n_ctx=1, notice=output.notice)  # only its encoder is used
-    return encoder.encode([Message(m["role"], m["content"]) for m in messages])
+    if lm.tokenizer.chat_template is None:
+        output.notice("the model has no chat template; using a plain fallback template")
+    return encode_messages(lm, [Message(m["role"], m["content"]) for m in messages])
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS, short_help="Chat interactively (or answer piped text once).")

@@ -31,6 +31,10 @@ class ModelNotFoundError(LlmshError):
     """A model name or path resolves to nothing."""
 
 
+class PullError(LlmshError):
+    """A registry model could not be fetched (pip/network failure, checksum mismatch, missing extra)."""
+
+
 class ConvertError(LlmshError):
     """A GGUF file cannot be converted (unsupported quantization, tokenizer or architecture)."""
 

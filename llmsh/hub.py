@@ -33,17 +33,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from llmsh.errors import LlmshError, ModelNotFoundError
+from llmsh.errors import LlmshError, ModelNotFoundError, PullError  # noqa: F401 (PullError re-exported)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 REGISTRY_FILE = Path(__file__).with_name("registry.json")
 SOURCE_FILE = "llmsh-source.json"  # provenance written into every folder we create
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total): "download", "verify", "convert"
-
-
-class PullError(LlmshError):
-    """A registry model could not be fetched (pip/network failure, checksum mismatch, missing extra)."""
 
 
 @dataclass(frozen=True)
