@@ -33,7 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from llmsh.errors import LlmshError, ModelNotFoundError, PullError  # noqa: F401 (PullError re-exported)
+from llmsh.errors import ModelNotFoundError, PullError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 REGISTRY_FILE = Path(__file__).with_name("registry.json")
