@@ -100,6 +100,24 @@ def _act(name: str):
     return {"gelu": F.gelu, "relu": F.relu}[name]
 
 
+def _fused_linear(*parts: nn.Linear) -> nn.Linear:
+    """One nn.Linear whose output rows are ``parts``' rows in order (same input, same dtype)."""
+    w = torch.cat([p.weight for p in parts]) if parts[0].weight.device.type != "meta" else None
+    out = sum(p.out_features for p in parts)
+    fused = nn.Linear(parts[0].in_features, out, bias=parts[0].bias is not None,
+                      device="meta", dtype=parts[0].weight.dtype)
+    if w is not None:
+        fused.weight = nn.Parameter(w, requires_grad=False)
+        if fused.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return fused
+
+
+# Checkpoint tensors that fuse_projections() concatenates: fused name -> HF names, in row order.
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
 class RMSNorm(nn.Module):
     """transformers' LlamaRMSNorm: normalise in float32, cast back, then scale by ``weight``."""
 
@@ -128,11 +146,24 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.kv * self.d, bias=qkv_bias)
         self.o_proj = nn.Linear(self.h * self.d, c.hidden_size, bias=o_bias)
 
+    def fuse(self) -> None:
+        """Replace q/k/v_proj by one ``qkv_proj`` (rows q, k, v): one matmul instead of three."""
+        self.qkv_proj = _fused_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def qkv(self, x):
+        """q (B, H, T, D), k and v (B, KV, T, D) for x (B, T, C), before RoPE."""
+        b, t, _ = x.shape
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split((self.h * self.d, self.kv * self.d, self.kv * self.d), -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return (q.view(b, t, self.h, self.d).transpose(1, 2), k.view(b, t, self.kv, self.d).transpose(1, 2),
+                v.view(b, t, self.kv, self.d).transpose(1, 2))
+
     def forward(self, x, cos, sin, cache: KVCache | None, masks: dict) -> torch.Tensor:
         b, t, _ = x.shape                                                  # x: (B, T, C)
-        q = self.q_proj(x).view(b, t, self.h, self.d).transpose(1, 2)     # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)    # (B, KV, T, D)
-        v = self.v_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)
+        q, k, v = self.qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                          # (B, KV, S, D)
@@ -150,7 +181,15 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
         self.act = _act(c.hidden_act)
 
+    def fuse(self) -> None:
+        """Replace gate/up_proj by one ``gate_up_proj`` (rows gate, then up)."""
+        self.gate_up_proj = _fused_linear(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+
     def forward(self, x):
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -269,11 +308,33 @@ class Decoder(nn.Module):
             embed = self.transformer.wte if self.config.is_gpt2 else self.model.embed_tokens
             self.lm_head.weight = embed.weight
 
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`fuse_projections` has run (always False for gpt2, already fused)."""
+        return not self.config.is_gpt2 and hasattr(self.model.layers[0].self_attn, "qkv_proj")
+
+    def fuse_projections(self) -> "Decoder":
+        """Fuse q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` in every llama layer.
+
+        Fewer, larger matmuls per token (decode is bound by per-operation overhead on a CPU);
+        results are unchanged up to float rounding of the matmul blocking. Names after fusion are
+        ``model.layers.N.self_attn.qkv_proj`` / ``model.layers.N.mlp.gate_up_proj`` (see
+        ``FUSED``); :func:`llmsh.weights.load_decoder` fuses while loading. Works on the meta
+        device too (shapes only). No-op for gpt2 (c_attn is fused already) or when fused.
+        """
+        if self.config.is_gpt2 or self.fused:
+            return self
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
+
     def new_cache(self, max_seq_len: int, batch_size: int = 1) -> KVCache:
         """A KV cache on this decoder's device and dtype (RoPE tables grown to fit it)."""
         p = self.lm_head.weight
+        dtype = getattr(self, "compute_dtype", None) or p.dtype    # quantized weights are int8
         self.ensure_positions(max_seq_len)
-        return KVCache.for_model(self.config, max_seq_len, batch_size, dtype=p.dtype, device=p.device)
+        return KVCache.for_model(self.config, max_seq_len, batch_size, dtype=dtype, device=p.device)
 
     def ensure_positions(self, n: int) -> None:
         """Make the RoPE tables cover positions 0..n-1 (no-op for gpt2 or when they do)."""
@@ -300,6 +361,9 @@ class Decoder(nn.Module):
                 ``max_position_embeddings`` (learned positions cannot be extended).
         """
         b, t = tokens.shape
+        step = self.__dict__.get("decode_step")
+        if step is not None and t == 1 and cache is not None:
+            return step(tokens, cache)          # llmsh.compiled: the fixed-shape decode step
         offset = cache.offset if cache is not None else 0
         if t == 0:
             raise ValueError("forward() needs at least one token")

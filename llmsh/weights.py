@@ -190,23 +190,75 @@ def load_state_dict(model_dir, config: ModelConfig) -> dict[str, torch.Tensor]:
     return {name: t for name, t, _ in _iter_tensors(model_dir, config)}
 
 
-def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto") -> Decoder:
+def _fuse_stream(stream, config: ModelConfig):
+    """Re-yield (name, tensor, file) from ``stream`` with each layer's q/k/v and gate/up tensors
+    concatenated into ``qkv_proj`` / ``gate_up_proj`` (see :data:`llmsh.model.FUSED`) as soon as
+    a group is complete, so only one layer's parts wait in memory. Incomplete groups are left
+    for the caller's missing-tensor check (they are yielded unfused at the end)."""
+    from .model import FUSED
+
+    parts: dict[str, tuple[str, str, int]] = {}     # HF name -> (fused name, suffix, index)
+    if not config.is_gpt2:
+        for i in range(config.num_hidden_layers):
+            for fused, members in FUSED.items():
+                for j, m in enumerate(members):
+                    for suffix in ("weight", "bias"):
+                        parts[f"model.layers.{i}.{m}.{suffix}"] = (f"model.layers.{i}.{fused}.{suffix}", suffix, j)
+    pending: dict[str, dict[int, tuple[str, torch.Tensor, Path]]] = {}
+    for name, t, f in stream:
+        if name not in parts:
+            yield name, t, f
+            continue
+        fused, _, j = parts[name]
+        group = pending.setdefault(fused, {})
+        group[j] = (name, t, f)
+        n = len(FUSED[fused.split(".", 3)[3].rsplit(".", 1)[0]])
+        if len(group) == n:
+            del pending[fused]
+            yield fused, torch.cat([group[k][1] for k in range(n)]), f
+            del group
+    for group in pending.values():
+        yield from group.values()
+
+
+def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto", fuse: bool = True,
+                 quantize: str | None = None) -> Decoder:
     """Build a :class:`Decoder` for ``config`` and fill it from ``model_dir``'s safetensors.
 
     The decoder is returned in eval mode with ``requires_grad`` off, on ``device`` in ``dtype``
-    (floating tensors are cast; see :func:`resolve_device`, :func:`resolve_dtype`).
+    (floating tensors are cast; see :func:`resolve_device`, :func:`resolve_dtype`). With ``fuse``
+    (default) llama-family q/k/v and gate/up projections are concatenated while loading
+    (:meth:`Decoder.fuse_projections`); the checkpoint is still checked against the HF names.
+    ``quantize`` ("int8" / "int4", CPU only): each projection and the embedding are quantized as
+    they are read (:mod:`llmsh.quant`), so peak memory stays near the quantized size; activations
+    then default to bfloat16 (dtype "auto"), for which torch's kernels are fast.
 
     Raises:
-        WeightsError: missing or unreadable files, a missing or unexpected tensor, or a shape
-            that does not match the config (the tensor and file are named).
+        WeightsError: missing or unreadable files, a missing or unexpected tensor, a shape that
+            does not match the config (the tensor and file are named), or a quantization that
+            the device or mode does not support.
     """
+    from . import quant
+
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
-    dt = resolve_dtype(dtype, dev)
+    # torch's int8/int4 CPU kernels are fast with bfloat16 activations and slow with float32.
+    dt = resolve_dtype("bfloat16" if quantize and dtype in (None, "auto") else dtype, dev)
+    if quantize is not None:
+        if quantize not in quant.MODES:
+            raise WeightsError(f"unsupported quantization {quantize!r} (use int8 or int4)")
+        if dev.type != "cpu":
+            raise WeightsError(f"--quantize {quantize} uses PyTorch's CPU kernels; it needs --device cpu")
+        fuse = True
     with torch.device("meta"):
         decoder = Decoder(config)
     expected = {k: v.shape for k, v in decoder.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    if fuse:
+        decoder.fuse_projections()
+    if quantize is not None:
+        quant.swap_modules(decoder, quantize, dt)
+    modules = dict(decoder.named_modules())
 
     def convert(name, t, f):
         if name not in expected:
@@ -214,23 +266,55 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto")
         if tuple(t.shape) != tuple(expected[name]):
             raise WeightsError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, "
                                f"config expects {tuple(expected[name])}")
-        if t.is_floating_point():
+        if t.is_floating_point() and quantize is None:
             t = t.to(device=dev, dtype=dt)
         return t if t.is_contiguous() else t.contiguous()
 
-    # Without a cast, tensors stay memory-mapped (shared with the page cache, one map per file).
-    in_place = dev.type == "cpu" and all(
+    # Without a cast, tensors stay memory-mapped (shared with the page cache, one map per file);
+    # fusing or quantizing copies, so then each tensor gets its own map, dropped once copied.
+    in_place = dev.type == "cpu" and not (fuse and decoder.fused) and quantize is None and all(
         _file_dtype_is(f, dt) for f in set(checkpoint_files(model_dir).values()))
-    state = {name: t for name, t, _ in _iter_tensors(model_dir, config, convert, reopen=not in_place)}
-    missing = [k for k in expected if k not in state]
+    stream = _iter_tensors(model_dir, config, convert, reopen=not in_place)
+    if decoder.fused:
+        stream = _fuse_stream(stream, config)
+    state, seen = {}, set()
+    for name, t, f in stream:
+        seen.add(name)
+        mod_name, _, attr = name.rpartition(".")
+        mod = modules.get(mod_name)
+        if quantize is not None and attr == "weight" and isinstance(
+                mod, (quant.Int8Linear, quant.Int4Linear, quant.Int8Embedding)):
+            for k, v in quant.quantize_tensor(mod, t, dt).items():
+                state[f"{mod_name}.{k}"] = v
+        elif t.is_floating_point() and quantize is not None:
+            state[name] = t.to(dtype=dt)
+        else:
+            state[name] = t
+        del t
+    have = set(state) | seen
+    from .model import FUSED
+
+    def present(k):
+        if k in have:
+            return True
+        for fused, members in FUSED.items():
+            for m in members:
+                if f".{m}." in k and k.replace(m, fused) in have:
+                    return True
+        return False
+
+    missing = [k for k in expected if not present(k)]
     if missing:
         raise WeightsError(f"{Path(model_dir)}: tensor {missing[0]!r} missing from the checkpoint"
                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if config.tie_word_embeddings:
-        embed = "transformer.wte.weight" if config.is_gpt2 else "model.embed_tokens.weight"
-        state["lm_head.weight"] = state[embed]
+        embed = "transformer.wte" if config.is_gpt2 else "model.embed_tokens"
+        for k in [k for k in state if k.startswith(embed + ".")]:
+            state["lm_head." + k.rsplit(".", 1)[1]] = state[k]
     decoder.load_state_dict(state, strict=True, assign=True)
-    decoder.tie_weights()
-    decoder.to(device=dev, dtype=dt)       # the RoPE buffers, built on CPU in float32
+    decoder.tie_weights() if quantize is None else quant.tie(decoder)
+    decoder.to(device=dev, dtype=dt)       # the RoPE buffers (integer buffers keep their dtype)
     decoder.requires_grad_(False)
+    decoder.compute_dtype = dt
     return decoder.eval()
+

@@ -1,0 +1,160 @@
+"""Weight-only quantization with PyTorch's own CPU kernels: int8 per channel, int4 per group.
+
+int8 (``_weight_int8pack_mm``): symmetric per output row, ``w ≈ q · scale`` with q in −127…127
+and scale = max|row| / 127 (gpt-fast's ``WeightOnlyInt8QuantHandler``). int4
+(``_weight_int4pack_mm_for_cpu``): asymmetric per group of ``group_size`` input columns,
+``w ≈ (q − 8) · scale + zero`` with q in 0…15, scale = (max − min) / 15, zero = min + 8 · scale
+(gpt-fast's ``WeightOnlyInt4QuantHandler`` / torchao's ``groupwise_affine`` layout). Activations
+stay in the decoder's dtype; only weights are stored quantized, so decode reads 4× (int8) or ~7×
+(int4) fewer bytes. The token embedding is stored as int8 rows and, when tied, shared with
+``lm_head``. Quantization happens tensor by tensor while loading (see
+:func:`llmsh.weights.load_decoder`), so the float model is never materialised whole.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODES = ("int8", "int4")
+INT4_GROUP = 32
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> (q (N, K) int8, scales (N,) float32), w ≈ q * scales[:, None]."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 (N, K) weight that (q, scales) stands for (reference for the kernel)."""
+    return q.float() * scales.float()[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> (q (N, K) int32 in 0..15, scales_and_zeros (K/g, N, 2) float32).
+
+    Raises ValueError when K is not a multiple of ``group_size``.
+    """
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"int4: input size {k} is not a multiple of the group size {group_size}")
+    g = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+    scales = ((hi - lo) / 15).clamp(min=1e-6)
+    zeros = lo + 8 * scales
+    q = torch.round((g - lo) / scales).clamp(0, 15).to(torch.int32).reshape(n, k)
+    sz = torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()   # (K/g, N, 2)
+    return q, sz
+
+
+def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group_size: int = INT4_GROUP) -> torch.Tensor:
+    """The float32 (N, K) weight that (q 0..15, scales_and_zeros) stands for."""
+    n, k = q.shape
+    scales, zeros = sz[..., 0].t().unsqueeze(-1), sz[..., 1].t().unsqueeze(-1)   # (N, K/g, 1)
+    g = q.float().reshape(n, k // group_size, group_size)
+    return ((g - 8) * scales + zeros).reshape(n, k)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scales)^T + bias with ``torch.ops.aten._weight_int8pack_mm``.
+
+    Buffers: weight (N, K) int8, scales (N,) in the activation dtype, bias (N,) or None.
+    Input (..., K) in ``dtype``; output (..., N) in the same dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T + bias with ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (groups of 32).
+
+    Buffers: weight (N, K/2) uint8 (packed by ``_convert_weight_to_int4pack_for_cpu``),
+    scales_and_zeros (K/g, N, 2) in the activation dtype, bias (N,) or None.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device=None,
+                 group_size: int = INT4_GROUP) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros",
+                             torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features), self.weight, self.group_size, self.scales_and_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 rows: ids (...) -> (..., C) in the scales' dtype."""
+
+    def __init__(self, num: int, dim: int, dtype, device=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num, dim
+        self.register_buffer("weight", torch.empty(num, dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(num, dtype=dtype, device=device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+
+
+def swap_modules(decoder, mode: str, dtype) -> None:
+    """Replace every nn.Linear by Int8Linear / Int4Linear and the token embedding by
+    Int8Embedding, in place, with empty buffers on the meta device (filled by loading).
+
+    int4 needs K a multiple of 32 (and even); a Linear that is not stays int8. lm_head always
+    uses int8 (it shares the embedding's rows when tied). Raises ValueError for an unknown mode.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r} (use int8 or int4)")
+    for name, mod in list(decoder.named_modules()):
+        if isinstance(mod, nn.Linear):
+            parent, _, attr = name.rpartition(".")
+            k, n, bias = mod.in_features, mod.out_features, mod.bias is not None
+            if mode == "int4" and name != "lm_head" and k % INT4_GROUP == 0:
+                new = Int4Linear(k, n, bias, dtype, device="meta")
+            else:
+                new = Int8Linear(k, n, bias, dtype, device="meta")
+            setattr(decoder.get_submodule(parent) if parent else decoder, attr, new)
+    embed_owner = decoder.transformer if decoder.config.is_gpt2 else decoder.model
+    attr = "wte" if decoder.config.is_gpt2 else "embed_tokens"
+    e = getattr(embed_owner, attr)
+    setattr(embed_owner, attr, Int8Embedding(e.num_embeddings, e.embedding_dim, dtype, device="meta"))
+    decoder.quantization = mode
+
+
+def quantize_tensor(module: nn.Module, t: torch.Tensor, dtype) -> dict[str, torch.Tensor]:
+    """The buffers of the quantized ``module`` (from :func:`swap_modules`) for its float weight t."""
+    if isinstance(module, Int4Linear):
+        q, sz = quantize_int4(t, module.group_size)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        return {"weight": packed, "scales_and_zeros": sz.to(dtype)}
+    # Row blocks bound the float temporaries (the 49152-row embedding would need 3 copies).
+    q = torch.empty(t.shape, dtype=torch.int8)
+    s = torch.empty(t.shape[0], dtype=dtype)
+    for r in range(0, t.shape[0], 4096):
+        q[r:r + 4096], s[r:r + 4096] = quantize_int8(t[r:r + 4096])
+    return {"weight": q, "scales": s}
+
+
+def tie(decoder) -> None:
+    """Point a tied ``lm_head`` (Int8Linear) at the Int8Embedding's rows and scales."""
+    if decoder.config.tie_word_embeddings:
+        e = decoder.transformer.wte if decoder.config.is_gpt2 else decoder.model.embed_tokens
+        decoder.lm_head.weight, decoder.lm_head.scales = e.weight, e.scales

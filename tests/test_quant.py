@@ -1,0 +1,89 @@
+"""Weight-only quantization (llmsh.quant): torch's int8/int4 CPU kernels against a reference
+dequantized matmul, and quantized tiny models against float decoders holding the dequantized
+weights (the reference for what a quantized model should compute) and against transformers."""
+
+import pytest
+import torch
+
+from llmsh import quant
+from llmsh.config import ModelConfig
+from llmsh.weights import load_decoder
+from tiny_models import make_tiny_model, random_tokens
+
+
+def test_int8_kernel_matches_dequantized_matmul():
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 64, generator=g), torch.randn(5, 64, generator=g)
+    q, s = quant.quantize_int8(w)
+    assert (quant.dequantize_int8(q, s) - w).abs().max() <= s.max() / 2 + 1e-6   # rounding bound
+    lin = quant.Int8Linear(64, 96, bias=False, dtype=torch.float32)
+    lin.weight, lin.scales = q, s
+    ref = x @ quant.dequantize_int8(q, s).t()
+    assert (lin(x) - ref).abs().max() <= 1e-4
+
+
+def test_int4_kernel_matches_dequantized_matmul():
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(64, 128, generator=g), torch.randn(3, 128, generator=g)
+    q, sz = quant.quantize_int4(w)
+    assert q.min() >= 0 and q.max() <= 15
+    deq = quant.dequantize_int4(q, sz)
+    step = sz[..., 0].max()
+    assert (deq - w).abs().max() <= step / 2 + 1e-5
+    lin = quant.Int4Linear(128, 64, bias=False, dtype=torch.float32)
+    mods = quant.quantize_tensor(lin, w, torch.float32)
+    lin.weight, lin.scales_and_zeros = mods["weight"], mods["scales_and_zeros"]
+    assert (lin(x) - x @ deq.t()).abs().max() <= 1e-3
+
+
+def _dequantized_float_decoder(path, config, qdec):
+    """A float32 decoder whose weights are exactly the quantized decoder's dequantized ones."""
+    dec = load_decoder(path, config, device="cpu", dtype="float32")
+    fmods = dict(dec.named_modules())
+    with torch.no_grad():
+        for name, m in qdec.named_modules():
+            if isinstance(m, (quant.Int8Linear, quant.Int8Embedding)):
+                fmods[name].weight.copy_(quant.dequantize_int8(m.weight, m.scales.float()))
+            elif isinstance(m, quant.Int4Linear):
+                w = fmods[name].weight
+                q, _ = quant.quantize_int4(w, m.group_size)   # same inputs -> same integers
+                fmods[name].weight.copy_(quant.dequantize_int4(q, m.scales_and_zeros.float()))
+    return dec
+
+
+@pytest.mark.parametrize("mode", quant.MODES)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_quantized_model_matches_dequantized_reference(tmp_path, arch, mode):
+    path, hf = make_tiny_model(arch, tmp_path)
+    config = ModelConfig.from_file(path)
+    tokens = random_tokens(config.vocab_size, 16, batch=2)
+    qdec = load_decoder(path, config, device="cpu", dtype="float32", quantize=mode)
+    ref = _dequantized_float_decoder(path, config, qdec)
+    with torch.no_grad():
+        out, want, hf_out = qdec(tokens), ref(tokens), hf(tokens).logits
+    assert (out - want).abs().max() <= 2e-3            # the kernels compute the dequantized model
+    err = (out - hf_out).abs().max()                   # and that model is near the float one
+    assert err <= (0.25 if mode == "int8" else 2.0) and err > 0
+
+
+def test_quantized_bfloat16_decode_uses_the_cache(tmp_path):
+    path, hf = make_tiny_model("llama", tmp_path)
+    config = ModelConfig.from_file(path)
+    dec = load_decoder(path, config, device="cpu", quantize="int8")   # auto -> bfloat16 activations
+    assert dec.compute_dtype == torch.bfloat16 and dec.quantization == "int8"
+    tokens = random_tokens(config.vocab_size, 12)
+    cache = dec.new_cache(16)
+    assert cache.k[0].dtype == torch.bfloat16
+    with torch.no_grad():
+        full = dec(tokens)
+        steps = torch.cat([dec(tokens[:, i:i + 1], cache) for i in range(12)], dim=1)
+    assert (full - steps).abs().max() <= 0.1
+
+
+def test_quantize_refusals(tmp_path):
+    from llmsh.errors import WeightsError
+
+    path, _ = make_tiny_model("llama", tmp_path)
+    config = ModelConfig.from_file(path)
+    with pytest.raises(WeightsError, match="int3"):
+        load_decoder(path, config, device="cpu", quantize="int3")
