@@ -363,7 +363,9 @@ class Decoder(nn.Module):
         b, t = tokens.shape
         step = self.__dict__.get("decode_step")
         if step is not None and t == 1 and cache is not None:
-            return step(tokens, cache)          # llmsh.compiled: the fixed-shape decode step
+            out = step(tokens, cache)           # llmsh.compiled: the fixed-shape decode step
+            if out is not None:
+                return out
         offset = cache.offset if cache is not None else 0
         if t == 0:
             raise ValueError("forward() needs at least one token")

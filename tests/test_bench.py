@@ -1,0 +1,93 @@
+"""The compiled decode step (llmsh.compiled) and the benchmark (llmsh.bench).
+
+The step is checked with torch.compile's "eager" backend (the same graph Dynamo captures,
+without inductor's minutes of C++ compilation) and directly, against the decoder's own
+token-by-token forward, which tests/test_model.py checks against transformers.
+"""
+
+import pytest
+import torch
+
+from llmsh import compiled
+from llmsh.config import ModelConfig
+from llmsh.weights import load_decoder
+from tiny_models import make_tiny_model, random_tokens
+
+
+def _decode_all(dec, tokens, size=32):
+    cache = dec.new_cache(size, batch_size=tokens.shape[0])
+    with torch.no_grad():
+        first = dec(tokens[:, :3], cache)
+        steps = [dec(tokens[:, i:i + 1], cache) for i in range(3, tokens.shape[1])]
+    return torch.cat([first] + steps, dim=1), cache
+
+
+@pytest.mark.parametrize("full_length", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "qwen2_sliding", "mistral", "llama_bias_tied"])
+def test_decode_step_matches_eager_forward(tmp_path, arch, full_length):
+    path, hf = make_tiny_model(arch, tmp_path)
+    config = ModelConfig.from_file(path)
+    dec = load_decoder(path, config, device="cpu", dtype="float32")
+    tokens = random_tokens(config.vocab_size, 20)       # longer than the sliding window (8)
+    ref, _ = _decode_all(dec, tokens)
+    compiled.compile_step(dec, backend="eager", full_length=full_length)
+    assert "decode_step" in dec.__dict__
+    out, cache = _decode_all(dec, tokens)
+    assert cache.offset == 20
+    assert (out - ref).abs().max() <= 1e-5
+    with torch.no_grad():
+        assert (out - hf(tokens).logits).abs().max() <= 1e-4
+
+
+def test_decode_step_through_dynamo(tmp_path):
+    path, _ = make_tiny_model("llama", tmp_path)
+    config = ModelConfig.from_file(path)
+    dec = load_decoder(path, config, device="cpu", dtype="float32")
+    tokens = random_tokens(config.vocab_size, 12)
+    ref, _ = _decode_all(dec, tokens)
+    compiled.compile_step(dec, mode=None, backend="eager", full_length=False)
+    dec.__dict__["decode_step"].fn = torch.compile(compiled.DecodeStep(dec, False), backend="eager",
+                                                   fullgraph=True)
+    out, _ = _decode_all(dec, tokens)
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def test_setup_decoder_policy_and_fallback(tmp_path, monkeypatch):
+    path, _ = make_tiny_model("gpt2", tmp_path)
+    gpt2 = load_decoder(path, ModelConfig.from_file(path), device="cpu")
+    notes = []
+    info = compiled.setup_decoder(gpt2, compile=True, notice=notes.append)
+    assert not info["compiled"] and "gpt2" in notes[0]
+    path, _ = make_tiny_model("llama", tmp_path / "l")
+    dec = load_decoder(path, ModelConfig.from_file(path), device="cpu")
+    assert compiled.setup_decoder(dec, max_new_tokens=16, compile=None)["compiled"] is False
+
+    def boom(*a, **k):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(compiled, "compile_step", boom)
+    notes.clear()
+    info = compiled.setup_decoder(dec, compile=True, notice=notes.append)
+    assert not info["compiled"] and "decoding eagerly" in notes[0] and "C++" in notes[0]
+    assert "decode_step" not in dec.__dict__
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CC", raising=False)
+    assert "C compiler" in compiled.compile_unavailable(dec)
+
+
+def test_run_bench_reports_every_field(tmp_path):
+    from llmsh.bench import format_bench, run_bench
+    from llmsh.loader import LoadedModel
+
+    path, _ = make_tiny_model("llama", tmp_path)
+    config = ModelConfig.from_file(path)
+    lm = LoadedModel(path=path, config=config, decoder=load_decoder(path, config, device="cpu"),
+                     tokenizer=None)
+    r = run_bench(lm, prompt_tokens=16, new_tokens=8, repetitions=2)
+    for key in ("prefill_tok_s", "decode_tok_s", "ttft_s"):
+        assert 0 < r[key]["min"] <= r[key]["median"] <= r[key]["max"]
+    assert r["peak_rss_mb"] > 0 and r["decode_gb_s"] > 0 and r["quantization"] == "none"
+    assert r["dtype"] == "float32" and r["threads"] == torch.get_num_threads()
+    assert "decode" in format_bench(r)
+    with pytest.raises(ValueError):
+        run_bench(lm, prompt_tokens=0)
