@@ -82,6 +82,7 @@ class ModelConfig:
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"config.json: unsupported model_type {mt!r} "
                               f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        _check_numbers(d, mt)
         try:
             return _from_gpt2(d) if mt == "gpt2" else _from_llama(d, mt)
         except (TypeError, ValueError) as e:
@@ -125,6 +126,49 @@ def _require(d: dict, *names: tuple[str, ...]) -> list[Any]:
         raise ConfigError(f"config.json: missing required key{plural} "
                           + ", ".join(repr(m) for m in missing))
     return values
+
+
+# Keys that must be positive integers when present (each entry: accepted aliases).
+_POSITIVE_INTS = (("vocab_size",), ("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"),
+                  ("num_attention_heads", "n_head"), ("num_key_value_heads",),
+                  ("intermediate_size", "n_inner"), ("head_dim",),
+                  ("max_position_embeddings", "n_positions"))
+
+
+def _check_numbers(d: dict, mt: str) -> None:
+    """Reject sizes that would only fail later inside torch (a zero head count divides by zero, a
+    negative context builds an empty RoPE table): positive integers, heads divisible by KV heads,
+    hidden_size divisible by heads when head_dim is implied, positive rope_theta and epsilon.
+
+    Raises:
+        ConfigError: naming the key and its value.
+    """
+    for aliases in _POSITIVE_INTS:
+        for key in aliases:
+            v = d.get(key)
+            if v is None:
+                continue
+            ok = not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and v.is_integer()))
+            if not ok or v <= 0:
+                raise ConfigError(f"config.json: {key} must be a positive integer, got {v!r}")
+    heads = _get(d, "num_attention_heads", d.get("n_head"))
+    kv = d.get("num_key_value_heads") if mt != "gpt2" else None
+    if heads is not None and kv is not None and int(heads) % int(kv):
+        raise ConfigError(f"config.json: num_attention_heads ({heads}) must be divisible by "
+                          f"num_key_value_heads ({kv})")
+    hidden = _get(d, "hidden_size", d.get("n_embd"))
+    if heads is not None and hidden is not None and (mt == "gpt2" or d.get("head_dim") is None) \
+            and int(hidden) % int(heads):
+        raise ConfigError(f"config.json: hidden_size ({hidden}) must be divisible by "
+                          f"num_attention_heads ({heads}) when head_dim is not given")
+    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    for key, v in (("rope_theta", _get(params, "rope_theta", d.get("rope_theta"))),
+                   ("rms_norm_eps", d.get("rms_norm_eps")),
+                   ("layer_norm_epsilon", d.get("layer_norm_epsilon"))):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+            raise ConfigError(f"config.json: {key} must be a positive number, got {v!r}")
 
 
 def _get(d: dict, key: str, default):

@@ -138,3 +138,38 @@ def test_from_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="mamba") as e:
         ModelConfig.from_file(tmp_path)
     assert str(tmp_path) in str(e.value)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("num_attention_heads", 0), ("max_position_embeddings", -5), ("vocab_size", 0),
+    ("hidden_size", -64), ("num_hidden_layers", 0), ("intermediate_size", 0),
+    ("num_key_value_heads", 0), ("head_dim", 0), ("hidden_size", 64.5), ("num_hidden_layers", True),
+    ("rope_theta", 0), ("rope_theta", -1.0), ("rms_norm_eps", 0), ("rms_norm_eps", -1e-6),
+])
+def test_bad_numbers_are_named(key, value):
+    with pytest.raises(ConfigError, match=key) as e:
+        ModelConfig.from_dict(dict(LLAMA, **{key: value}))
+    assert repr(value) in str(e.value)
+
+
+def test_bad_numbers_gpt2_and_from_file(tmp_path):
+    gpt2 = dict(model_type="gpt2", vocab_size=50, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    ModelConfig.from_dict(gpt2)
+    with pytest.raises(ConfigError, match="n_head"):
+        ModelConfig.from_dict(dict(gpt2, n_head=0))
+    with pytest.raises(ConfigError, match="divisible"):
+        ModelConfig.from_dict(dict(gpt2, n_head=3))
+    (tmp_path / "config.json").write_text(json.dumps(dict(LLAMA, num_attention_heads=0)))
+    with pytest.raises(ConfigError, match="num_attention_heads must be a positive integer, got 0"):
+        ModelConfig.from_file(tmp_path)
+
+
+def test_head_divisibility():
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        ModelConfig.from_dict(dict(LLAMA, num_key_value_heads=3))
+    with pytest.raises(ConfigError, match="hidden_size .* divisible"):
+        ModelConfig.from_dict(dict(LLAMA, num_attention_heads=3, num_key_value_heads=1))
+    # An explicit head_dim lifts the hidden_size rule (as Qwen3 / Gemma configs do).
+    c = ModelConfig.from_dict(dict(LLAMA, num_attention_heads=3, num_key_value_heads=1, head_dim=16))
+    assert c.head_dim == 16
+    assert ModelConfig.from_dict(dict(LLAMA, hidden_size=64.0)).hidden_size == 64
