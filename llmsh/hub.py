@@ -33,7 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from llmsh.errors import ModelNotFoundError, PullError
+from llmsh.errors import LlmshError, ModelNotFoundError, PullError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 REGISTRY_FILE = Path(__file__).with_name("registry.json")
@@ -165,9 +165,12 @@ def _build_atomically(target: Path, build: Callable[[Path, Path], dict], force: 
     """Run build(scratch, out) in a hidden partial folder next to ``target``, then rename ``out``
     into place. build returns the provenance dict written to out/llmsh-source.json. Whatever
     happens, the partial folder is removed; a concurrent build that finished first wins."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(target.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(target.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    except OSError as e:
+        raise _home_error(target.parent, e) from None
     try:
         out = tmp / "model"
         info = build(tmp, out)
@@ -179,9 +182,19 @@ def _build_atomically(target: Path, build: Callable[[Path, Path], dict], force: 
         except OSError:
             if not target.is_dir():
                 raise
+    except OSError as e:  # disk full, permissions changed meanwhile...
+        raise _home_error(target.parent, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _home_error(folder: Path, e: OSError) -> LlmshError:
+    """One line for an unusable cache folder (LLMSH_HOME pointing at a file, no permission, disk
+    full), instead of a traceback."""
+    where = e.filename or folder
+    hint = " (set LLMSH_HOME to a writable folder)" if os.environ.get("LLMSH_HOME") else ""
+    return LlmshError(f"cannot write the model cache at {where}: {e.strerror or e}{hint}")
 
 
 def pull(name: str = DEFAULT_MODEL, *, progress: Progress | None = None, force: bool = False) -> Path:
@@ -275,6 +288,10 @@ def resolve_model(name_or_path=None, *, auto_pull: bool = True,
             return local
         if not auto_pull:
             raise ModelNotFoundError(f"model {name!r} is not downloaded yet: run `llmsh pull {name}`")
+        try:  # an unusable cache fails before the download notice
+            local.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _home_error(local.parent, e) from None
         if notice:
             size = registry[name].get("download_bytes")
             notice(f"model {name!r} is not here yet: downloading it{f' (~{size / 1e6:.0f} MB)' if size else ''} into {local}")

@@ -272,3 +272,26 @@ def test_list_models_sizes(home, monkeypatch, fake_pip, tiny_gguf):
     for m in models:
         assert m.size_bytes == sum(f.stat().st_size for f in m.path.rglob("*") if f.is_file()) > 0
     assert models[0].source == "registry"
+
+
+def test_home_that_is_a_file_is_one_clear_error(tmp_path, monkeypatch, tiny_gguf):
+    afile = tmp_path / "afile"
+    afile.write_text("x\n")
+    monkeypatch.setenv("LLMSH_HOME", str(afile))
+    notices = []
+    with pytest.raises(LlmshError, match=f"cannot write the model cache at {afile}.*LLMSH_HOME"):
+        hub.resolve_model(None, notice=notices.append)
+    assert notices == []  # no "downloading" notice before failing
+    with pytest.raises(LlmshError, match=str(afile)):
+        hub.resolve_model(str(tiny_gguf[0]))
+    with pytest.raises(LlmshError, match=str(afile)):
+        hub.pull(hub.DEFAULT_MODEL)
+
+
+def test_oserror_while_building_is_one_clear_error(home, monkeypatch, tiny_gguf):
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("llmsh.convert.convert_gguf", full)
+    with pytest.raises(LlmshError, match="No space left on device"):
+        hub.resolve_model(str(tiny_gguf[0]))
+    assert not [p for p in (home / "gguf").iterdir()]  # no partial left
