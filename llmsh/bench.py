@@ -58,7 +58,7 @@ def _stats(values: list[float]) -> dict:
 
 def run_bench(model, prompt_tokens: int = 512, new_tokens: int = 128, repetitions: int = 3, *,
               warmup: bool = True, seed: int = 0, compile: bool | None = False,
-              progress=None) -> dict:
+              progress=None, notice=None) -> dict:
     """Measure ``model`` (a :class:`llmsh.loader.LoadedModel`) on random token ids.
 
     prefill: one cache of ``prompt_tokens + new_tokens`` positions, the prompt fed by
@@ -66,7 +66,7 @@ def run_bench(model, prompt_tokens: int = 512, new_tokens: int = 128, repetition
     prompt, EOS ignored, sampling included (as llama-bench's tg, which starts from an empty context
     instead). ttft_s: prefill plus the first sampled token, seconds. Values are tokens/s.
     compile: as :func:`llmsh.compiled.setup_decoder` (False: eager; None: automatic).
-    progress: called with a one-line message before each phase.
+    progress: called with a one-line message before each run; notice: for a compile fallback.
 
     Returns a dict: prefill_tok_s / decode_tok_s / ttft_s ({"median", "min", "max"}), peak_rss_mb,
     decode_gb_s (median), bytes_per_token, compile_s (seconds spent compiling, 0 if eager),
@@ -80,7 +80,7 @@ def run_bench(model, prompt_tokens: int = 512, new_tokens: int = 128, repetition
     if prompt_tokens < 1 or new_tokens < 1 or repetitions < 1:
         raise ValueError("prompt_tokens, new_tokens and repetitions must be positive")
     dec = model.decoder
-    info = setup_decoder(dec, max_new_tokens=new_tokens, compile=compile)
+    info = setup_decoder(dec, max_new_tokens=new_tokens, compile=compile, notice=notice)
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     params = SamplingParams(temperature=0.0)

@@ -6,7 +6,9 @@ and scale = max|row| / 127 (gpt-fast's ``WeightOnlyInt8QuantHandler``). int4
 ``w ≈ (q − 8) · scale + zero`` with q in 0…15, scale = (max − min) / 15, zero = min + 8 · scale
 (gpt-fast's ``WeightOnlyInt4QuantHandler`` / torchao's ``groupwise_affine`` layout). Activations
 stay in the decoder's dtype; only weights are stored quantized, so decode reads 4× (int8) or ~7×
-(int4) fewer bytes. The token embedding is stored as int8 rows and, when tied, shared with
+(int4) fewer bytes. With float32 activations (the CPU default) the kernels get bfloat16 copies of
+the one-token inputs (they are slow for float32), and int8 prefill dequantizes each weight for a
+float32 GEMM: the kernel per phase that is fastest here. The token embedding is stored as int8 rows and, when tied, shared with
 ``lm_head``. Quantization happens tensor by tensor while loading (see
 :func:`llmsh.weights.load_decoder`), so the float model is never materialised whole.
 """
@@ -14,10 +16,22 @@ stay in the decoder's dtype; only weights are stored quantized, so decode reads 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MODES = ("int8", "int4")
 INT4_GROUP = 32
+SMALL_M = 16     # rows up to which float32 inputs go through the int8 kernel in bfloat16
+
+
+def _lp(module: nn.Module, name: str) -> torch.Tensor:
+    """A bfloat16 copy of a float32 buffer, made once (scales are small: N or K/g·N·2 values)."""
+    cached = module.__dict__.get("_lp_" + name)
+    src = getattr(module, name)
+    if cached is None or cached[0] is not src:
+        cached = (src, src.to(torch.bfloat16))
+        module.__dict__["_lp_" + name] = cached
+    return cached[1]
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +87,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+        x2 = x.reshape(-1, self.in_features)
+        if x.dtype == torch.float32 and x2.shape[0] > SMALL_M:
+            # Prefill / scoring: dequantize and use float32 GEMM (far faster than the kernel).
+            y = F.linear(x2, self.weight.to(x.dtype) * self.scales[:, None])
+        elif x.dtype == torch.float32:
+            # Decode: the kernel is fast for bfloat16 inputs only; the vectors are tiny to cast.
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, _lp(self, "scales"))
+            y = y.to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
@@ -95,8 +118,10 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features), self.weight, self.group_size, self.scales_and_zeros)
+        x2, sz = x.reshape(-1, self.in_features), self.scales_and_zeros
+        if x.dtype == torch.float32:      # the kernel is ~7x slower with float32 inputs
+            x2, sz = x2.to(torch.bfloat16), _lp(self, "scales_and_zeros")
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 

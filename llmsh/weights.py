@@ -231,7 +231,7 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
     (:meth:`Decoder.fuse_projections`); the checkpoint is still checked against the HF names.
     ``quantize`` ("int8" / "int4", CPU only): each projection and the embedding are quantized as
     they are read (:mod:`llmsh.quant`), so peak memory stays near the quantized size; activations
-    then default to bfloat16 (dtype "auto"), for which torch's kernels are fast.
+    stay in ``dtype``.
 
     Raises:
         WeightsError: missing or unreadable files, a missing or unexpected tensor, a shape that
@@ -241,8 +241,7 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
     from . import quant
 
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
-    # torch's int8/int4 CPU kernels are fast with bfloat16 activations and slow with float32.
-    dt = resolve_dtype("bfloat16" if quantize and dtype in (None, "auto") else dtype, dev)
+    dt = resolve_dtype(dtype, dev)
     if quantize is not None:
         if quantize not in quant.MODES:
             raise WeightsError(f"unsupported quantization {quantize!r} (use int8 or int4)")

@@ -5,6 +5,8 @@ without inductor's minutes of C++ compilation) and directly, against the decoder
 token-by-token forward, which tests/test_model.py checks against transformers.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -91,3 +93,17 @@ def test_run_bench_reports_every_field(tmp_path):
     assert "decode" in format_bench(r)
     with pytest.raises(ValueError):
         run_bench(lm, prompt_tokens=0)
+
+
+def test_bench_command_json(tmp_path):
+    from click.testing import CliRunner
+
+    from llmsh.cli import cli
+
+    path, _ = make_tiny_model("llama", tmp_path)
+    res = CliRunner().invoke(cli, ["bench", "-m", str(path), "--device", "cpu", "-p", "8", "-n", "4",
+                                   "-r", "1", "--quantize", "int8", "--dtype", "bfloat16", "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    assert r["quantization"] == "int8" and r["dtype"] == "bfloat16" and r["decode_tok_s"]["median"] > 0
+    assert {"prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "decode_gb_s"} <= set(r)

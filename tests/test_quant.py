@@ -19,7 +19,10 @@ def test_int8_kernel_matches_dequantized_matmul():
     lin = quant.Int8Linear(64, 96, bias=False, dtype=torch.float32)
     lin.weight, lin.scales = q, s
     ref = x @ quant.dequantize_int8(q, s).t()
-    assert (lin(x) - ref).abs().max() <= 1e-4
+    # 5 rows: the kernel, fed bfloat16 inputs (8 significant bits); 40 rows: float32 GEMM.
+    assert (lin(x) - ref).abs().max() <= 0.02 * ref.abs().max()
+    x40 = torch.randn(40, 64, generator=g)
+    assert (lin(x40) - x40 @ quant.dequantize_int8(q, s).t()).abs().max() <= 1e-4
 
 
 def test_int4_kernel_matches_dequantized_matmul():
@@ -33,7 +36,8 @@ def test_int4_kernel_matches_dequantized_matmul():
     lin = quant.Int4Linear(128, 64, bias=False, dtype=torch.float32)
     mods = quant.quantize_tensor(lin, w, torch.float32)
     lin.weight, lin.scales_and_zeros = mods["weight"], mods["scales_and_zeros"]
-    assert (lin(x) - x @ deq.t()).abs().max() <= 1e-3
+    ref = x @ deq.t()
+    assert (lin(x) - ref).abs().max() <= 0.02 * ref.abs().max()   # bfloat16 inputs to the kernel
 
 
 def _dequantized_float_decoder(path, config, qdec):
@@ -61,7 +65,8 @@ def test_quantized_model_matches_dequantized_reference(tmp_path, arch, mode):
     ref = _dequantized_float_decoder(path, config, qdec)
     with torch.no_grad():
         out, want, hf_out = qdec(tokens), ref(tokens), hf(tokens).logits
-    assert (out - want).abs().max() <= 2e-3            # the kernels compute the dequantized model
+    # The kernels compute the dequantized model (int4: up to bfloat16 rounding of its inputs).
+    assert (out - want).abs().max() <= (2e-3 if mode == "int8" else 0.06)
     err = (out - hf_out).abs().max()                   # and that model is near the float one
     assert err <= (0.25 if mode == "int8" else 2.0) and err > 0
 
@@ -69,7 +74,7 @@ def test_quantized_model_matches_dequantized_reference(tmp_path, arch, mode):
 def test_quantized_bfloat16_decode_uses_the_cache(tmp_path):
     path, hf = make_tiny_model("llama", tmp_path)
     config = ModelConfig.from_file(path)
-    dec = load_decoder(path, config, device="cpu", quantize="int8")   # auto -> bfloat16 activations
+    dec = load_decoder(path, config, device="cpu", dtype="bfloat16", quantize="int8")
     assert dec.compute_dtype == torch.bfloat16 and dec.quantization == "int8"
     tokens = random_tokens(config.vocab_size, 12)
     cache = dec.new_cache(16)

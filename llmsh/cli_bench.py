@@ -1,0 +1,72 @@
+"""``llmsh bench``: the click command over :func:`llmsh.bench.run_bench` (imported lazily by cli.py).
+
+torch is imported only when the command runs, so ``llmsh --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import output
+from .cli_common import CONTEXT_SETTINGS, model_options
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@model_options
+@click.option("-p", "--prompt-tokens", type=click.IntRange(1), default=512, show_default=True, metavar="N",
+              help="Prompt length for the prefill measurement (random token ids).")
+@click.option("-n", "--new-tokens", type=click.IntRange(1), default=128, show_default=True, metavar="N",
+              help="Tokens generated for the decode measurement.")
+@click.option("-r", "--repetitions", type=click.IntRange(1), default=3, show_default=True, metavar="N",
+              help="Measured runs after one warm-up run.")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Weight-only quantization while loading (CPU only).")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the decode step (default: only for long generations).")
+@click.option("--threads", type=click.IntRange(1), default=None, metavar="N",
+              help="CPU threads (default: torch's).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (prefill_tok_s, decode_tok_s, ttft_s, peak_rss_mb, decode_gb_s, ...).")
+def bench(model, device, dtype, prompt_tokens, new_tokens, repetitions, quantize, compile_, threads, as_json):
+    """Measure prefill and decode speed, like llama-bench.
+
+    Reports tokens/s for a prompt of -p random tokens and for -n greedy new tokens (median and
+    min–max over -r runs after a warm-up), time to first token, peak RSS and the memory bandwidth
+    decoding achieves.
+
+    \b
+    Examples:
+      llmsh bench
+      llmsh bench -p 128 -n 64 -r 5 --json
+      llmsh bench --quantize int8
+    """
+    import time
+
+    import torch
+
+    from . import hub
+    from .bench import format_bench, run_bench
+    from .config import ModelConfig
+    from .loader import LoadedModel
+    from .weights import load_decoder
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    path = hub.resolve_model(model if model is not None else hub.DEFAULT_MODEL, notice=output.notice)
+    config = ModelConfig.from_file(path)
+    dec = load_decoder(path, config, device=device, dtype=dtype,
+                       quantize=None if quantize == "none" else quantize)
+    lm = LoadedModel(path=path, config=config, decoder=dec, tokenizer=None,
+                     load_seconds=time.perf_counter() - t0)
+    r = run_bench(lm, prompt_tokens, new_tokens, repetitions, compile=compile_,
+                  progress=None if as_json else output.notice,
+                  notice=output.notice)
+    r["load_s"] = round(lm.load_seconds, 2)
+    if as_json:
+        sys.stdout.write(json.dumps(r) + "\n")
+    else:
+        click.echo(format_bench(r))
