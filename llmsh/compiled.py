@@ -120,7 +120,7 @@ def setup_decoder(decoder, *, max_new_tokens: int = 0, compile: bool | None = No
 
     compile: True — compile now; False — eager (removes an installed step); None — compile when
     ``max_new_tokens >= AUTO_COMPILE_MIN_TOKENS`` on a CPU/CUDA llama-family float model.
-    mode: torch.compile mode; default "max-autotune-no-cudagraphs" on CPU, "reduce-overhead"
+    mode: torch.compile mode; default "default" on CPU, "reduce-overhead"
     (CUDA graphs) on CUDA. Compilation happens here, on a small scratch cache, so its time is
     reported and not paid by the first token; inductor's on-disk cache makes later runs faster.
     If compiling fails, a one-line ``notice`` is sent and the decoder stays eager.
@@ -169,7 +169,9 @@ def compile_step(decoder, *, mode: str | None = None, backend: str = "inductor",
 
         inductor_config.freezing = True    # weights as constants: folded and prepacked
         if mode is None:
-            mode = "reduce-overhead" if dev.type == "cuda" else "max-autotune-no-cudagraphs"
+            # CPU: "default" decodes as fast here as "max-autotune-no-cudagraphs" (20.3 vs 21.4
+            # tok/s, 1 thread) but compiles in 49 s instead of 109 s and peaks at 1.8 GB, not 2.4.
+            mode = "reduce-overhead" if dev.type == "cuda" else "default"
         fn = torch.compile(step, backend=backend, mode=mode if backend == "inductor" else None,
                            fullgraph=True)
     installed = _Installed(fn, full, decoder.rope_cos.shape[0], dev)
