@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -95,6 +96,7 @@ class ChatSession:
             self.template = FALLBACK_TEMPLATE
             self._notice("the model has no chat template; using a plain fallback template")
         self._generator = None
+        self._saved = (None, [])  # what was last saved or loaded: see :attr:`modified`
 
     # --- conversation editing -------------------------------------------------------------------
 
@@ -263,7 +265,12 @@ class ChatSession:
 
     @property
     def context_used(self) -> int:
-        """Tokens the conversation takes in the context now (without a generation prompt)."""
+        """Context in use (tokens): the whole conversation as the template renders it (system
+        message, every message including the last reply with its end-of-turn markup; no
+        generation prompt). The next turn's prompt starts with exactly these tokens, so this is
+        what the context must hold, whatever the KV cache holds now (it lags by the reply's
+        end-of-turn tokens, and is stale after /load or /system). ``/show`` and the ``--stats``
+        line both report this number."""
         msgs = self._all()
         if not msgs:
             return 0
@@ -278,18 +285,31 @@ class ChatSession:
         return {"format": SAVE_FORMAT, "version": 1, "model": str(self.model.path),
                 "system": self.system, "messages": [m.to_dict() for m in self.messages]}
 
-    def save(self, path) -> Path:
+    def save(self, path, *, force: bool = False) -> Path:
         """Write the conversation as JSON to ``path`` atomically (temp file + os.replace).
 
-        Raises InputError when the file cannot be written."""
+        A new file is created with mode 0600 (a conversation can be private, like the prompt
+        history); overwriting a file keeps that file's mode. An existing file that is not a saved
+        llmsh conversation is only overwritten with ``force``.
+
+        Raises InputError when the file cannot be written, or exists, is not a saved
+        conversation and ``force`` is false."""
         path = Path(path).expanduser()
         data = json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n"
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = None
+        if mode is not None and not force and not is_saved_conversation(path):
+            raise InputError(f"{path} exists and is not a saved llmsh conversation: not overwritten")
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     f.write(data)
                     f.flush()
+                    if mode is not None:
+                        os.fchmod(f.fileno(), stat.S_IMODE(mode))
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
             except BaseException:
@@ -297,7 +317,17 @@ class ChatSession:
                 raise
         except OSError as e:
             raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+        self._saved = self._snapshot()
         return path
+
+    def _snapshot(self):
+        return self.system, [m.to_dict() for m in self.messages]
+
+    @property
+    def modified(self) -> bool:
+        """True when the conversation has messages that differ from the last :meth:`save` or
+        :meth:`load` (or, with neither yet, from the empty conversation): replacing it loses work."""
+        return bool(self.messages) and self._snapshot() != self._saved
 
     def load(self, path) -> None:
         """Replace the conversation (system message and messages) with one saved by :meth:`save`.
@@ -310,14 +340,29 @@ class ChatSession:
             raise InputError(f"cannot read {path}: {e.strerror or e}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"{path}: not a JSON file ({e})") from None
-        msgs = data.get("messages") if isinstance(data, dict) else None
-        ok = isinstance(msgs, list) and all(
-            isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
-            for m in msgs) and isinstance(data.get("system"), (str, type(None)))
-        if not ok:
+        if not _check_saved(data):
             raise InputError(f"{path}: not a saved llmsh conversation")
         self.system = data.get("system") or None
-        self.messages = [Message(m["role"], m["content"], bool(m.get("interrupted"))) for m in msgs]
+        self.messages = [Message(m["role"], m["content"], bool(m.get("interrupted")))
+                         for m in data["messages"]]
+        self._saved = self._snapshot()
+
+
+def _check_saved(data) -> bool:
+    msgs = data.get("messages") if isinstance(data, dict) else None
+    return isinstance(msgs, list) and all(
+        isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+        for m in msgs) and isinstance(data.get("system"), (str, type(None)))
+
+
+def is_saved_conversation(path) -> bool:
+    """Whether ``path`` holds a conversation written by :meth:`ChatSession.save` (a JSON object
+    with ``"format": "llmsh-chat"`` and well-formed messages). Never raises."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == SAVE_FORMAT and _check_saved(data)
 
 
 def _render(model, template: str, messages: list[Message], add_generation_prompt: bool) -> str:

@@ -15,7 +15,7 @@ import torch
 from cli_fixtures import IM_END, IM_START, chat_model, hf_tokenizer  # noqa: F401  (fixture)
 from llmsh.errors import InputError
 from llmsh.sampling import SamplingParams
-from llmsh.session import ChatSession, Message, common_prefix
+from llmsh.session import ChatSession, Message, common_prefix, is_saved_conversation
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -128,6 +128,14 @@ def test_second_turn_prefills_only_new_tokens_and_matches_transformers(lm, hf):
     # Everything up to the end of the first reply is reused (the last sampled token may not be cached).
     assert st.reused_tokens == common_prefix(prompt2, cached) >= len(prompt1) + len(ids1) - 1
     assert s.messages[-1].ids == hf_reply(hf_model, prompt2, 6)
+    # The context in use counts the conversation including the reply and its end-of-turn markup:
+    # what transformers renders for it, and what the next prompt starts with.
+    _, tok = hf
+    want = tok.apply_chat_template(as_dicts(s), add_generation_prompt=False, tokenize=True, return_dict=False)
+    assert s.messages[-1].ids == tok.encode(s.messages[-1].content, add_special_tokens=False)
+    assert s.context_used == len(want)
+    nxt = s.encode(s._all() + [Message("user", "and?")])
+    assert nxt[: s.context_used] == s.encode(s._all(), add_generation_prompt=False)
 
 
 def test_undo_and_regen(lm, hf):
@@ -278,6 +286,35 @@ def test_save_load_round_trip(lm, tmp_path):
         t.load(tmp_path / "missing.json")
     with pytest.raises(InputError, match="cannot write"):
         t.save(tmp_path / "no" / "such" / "dir.json")
+
+
+def test_save_only_overwrites_saved_conversations_and_keeps_their_mode(lm, tmp_path):
+    s = session(lm)
+    assert not s.modified  # empty
+    "".join(s.send("hi"))
+    assert s.modified
+    new, other = tmp_path / "new.json", tmp_path / "data.json"
+    s.save(new)
+    assert not s.modified and is_saved_conversation(new)
+    assert (new.stat().st_mode & 0o777) == 0o600
+    new.chmod(0o640)
+    "".join(s.send("more"))
+    assert s.modified
+    s.save(new)
+    assert (new.stat().st_mode & 0o777) == 0o640 and len(json.loads(new.read_text())["messages"]) == 4
+    for text in ("not json", '{"messages": []}', "[1, 2]"):  # no "format": not ours
+        other.write_text(text, encoding="utf-8")
+        with pytest.raises(InputError, match="not a saved llmsh conversation"):
+            s.save(other)
+        assert other.read_text(encoding="utf-8") == text and not is_saved_conversation(other)
+    other.chmod(0o604)
+    s.save(other, force=True)
+    assert is_saved_conversation(other) and (other.stat().st_mode & 0o777) == 0o604
+    t = session(lm)
+    t.load(other)
+    assert not t.modified
+    t.set_system("changed")
+    assert t.modified
 
 
 REF = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "reference"
