@@ -25,23 +25,34 @@ COMMANDS = {
     "/regen": "regenerate the last reply",
     "/system": "/system TEXT sets the system message; /system alone removes it",
     "/set": "/set PARAM VALUE: " + ", ".join(["temperature", "top_k", "top_p", "min_p",
-                                              "repetition_penalty", "max_tokens", "seed"]),
+                                              "repetition_penalty", "max_tokens", "seed"])
+            + "; /set max_tokens none (or off, 0): no limit; /set seed none: unseeded",
     "/show": "model, parameters, context use, template",
-    "/save": "/save FILE: write the conversation as JSON",
-    "/load": "/load FILE: read a conversation saved with /save",
-    "/read": "/read FILE: send the file's contents as the message",
+    "/save": "/save FILE: write the conversation as JSON (a new file is private, mode 0600; "
+             "overwriting keeps the file's mode); a file that is not a saved conversation is "
+             "only replaced with /save! FILE",
+    "/load": "/load FILE: read a conversation saved with /save; it replaces the current one, "
+             "which must be saved first unless you use /load! FILE",
+    "/read": "/read FILE: send the file's contents as the message (a preview is shown)",
     "/stats": "toggle the statistics line after each reply",
 }
 ALIASES = {"/quit": "/exit", "/bye": "/exit", "/?": "/help"}
+FORCED = {"/save!": "/save", "/load!": "/load"}  # the "!" overrides the safety check
 
 
-def _int_or_none(s: str) -> int | None:
-    return None if s.lower() == "none" else int(s)
+def _seed(s: str) -> int | None:
+    return None if s.lower() in ("none", "off") else int(s)
 
 
-# /set PARAM -> parser of its value; "none" clears the seed and lifts the max_tokens limit.
+def _max_tokens(s: str) -> int | None:
+    # 0 means "no limit" here as in llama.cpp's -n -1 / Ollama's num_predict -1: there is no use
+    # for a zero-token reply.
+    return None if s.lower() in ("none", "off") or s.strip() == "0" else int(s)
+
+
+# /set PARAM -> parser of its value (ValueError: not a valid value).
 PARAMS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
-          "repetition_penalty": float, "max_tokens": _int_or_none, "seed": _int_or_none}
+          "repetition_penalty": float, "max_tokens": _max_tokens, "seed": _seed}
 EXIT_HINT = "(to leave, type /exit or press Ctrl-D)"
 
 
@@ -93,6 +104,12 @@ class _Printer:
         self.info(f"llmsh: {text}", style="yellow")
 
 
+def context_text(session: ChatSession) -> str:
+    """``context USED/N_CTX`` as ``/show`` and the statistics line both print it: USED is
+    :attr:`ChatSession.context_used` (the conversation's tokens, including the last reply)."""
+    return f"context {session.context_used}/{session.n_ctx}"
+
+
 def stats_line(session: ChatSession) -> str:
     """One line: tokens, tokens/s, time to first token, context used / n_ctx, reused prompt tokens."""
     s = session.last_stats
@@ -100,7 +117,7 @@ def stats_line(session: ChatSession) -> str:
         return "no reply yet"
     rate = f"{s.decode_tokens_per_s:.1f} tokens/s" if s.decode_steps else "- tokens/s"
     return (f"{s.generated_tokens} tokens, {rate}, TTFT {s.ttft_seconds:.2f} s, "
-            f"context {session.cache.offset}/{session.n_ctx}, "
+            f"{context_text(session)}, "
             f"reused {s.reused_tokens}/{s.prompt_tokens} prompt tokens, "
             f"finish: {s.finish_reason}")
 
@@ -137,11 +154,22 @@ def _show(session: ChatSession) -> str:
     lines = [
         f"model: {m.path} ({m.config.model_type}, {m.device}, {str(m.dtype).replace('torch.', '')})",
         f"parameters: {params}, max_tokens={session.max_tokens}",
-        f"context: {session.context_used}/{session.n_ctx} tokens, {len(session.messages)} messages",
+        f"{context_text(session)} tokens (the conversation incl. the last reply), "
+        f"{len(session.messages)} messages",
         f"system: {session.system!r}",
         f"template: {template}: {first}",
     ]
     return "\n".join(lines)
+
+
+def preview(text: str, width: int = 60) -> str:
+    """A one-line preview of a message: its first non-blank line (cut to ``width`` characters)
+    and ``(N lines, M chars)``."""
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if len(first) > width:
+        first = first[: width - 3] + "..."
+    n = len(text.splitlines())
+    return f"{first!r} ({n} line{'s' if n != 1 else ''}, {len(text)} chars)"
 
 
 class _Commands:
@@ -154,6 +182,8 @@ class _Commands:
         name, _, arg = line.strip().partition(" ")
         name = ALIASES.get(name.lower(), name.lower())
         arg = arg.strip()
+        if name in FORCED:
+            return bool(getattr(self, "do_" + FORCED[name][1:])(arg, force=True))
         if name not in COMMANDS:
             raise InputError(f"unknown command {name}; /help lists the commands")
         return bool(getattr(self, "do_" + name[1:])(arg))
@@ -161,8 +191,10 @@ class _Commands:
     def do_help(self, arg):
         width = max(map(len, COMMANDS))
         text = "\n".join(f"{k.ljust(width)}  {v}" for k, v in COMMANDS.items())
-        self.p.info(text + '\nMulti-line input: end a line with \\ to continue, or wrap the text in """.\n'
-                    "Ctrl-C stops a reply; Ctrl-D or /exit leaves.", "")
+        self.p.info(text + '\nMulti-line input: end a line with \\ to continue, or wrap the text in """; '
+                    "Ctrl-D on a continuation line ends the input and sends what was typed.\n"
+                    "Ctrl-C stops a reply (or discards the line being typed); Ctrl-D at the prompt "
+                    "or /exit leaves.", "")
 
     def do_exit(self, arg):
         return True
@@ -198,14 +230,24 @@ class _Commands:
     def do_show(self, arg):
         self.p.info(_show(self.s), "")
 
-    def do_save(self, arg):
+    def do_save(self, arg, force=False):
         if not arg:
             raise InputError("usage: /save FILE")
-        self.p.info(f"saved to {self.s.save(arg)}")
+        try:
+            path = self.s.save(arg, force=force)
+        except InputError as e:
+            if "not overwritten" in str(e):
+                raise InputError(f"{e}; /save! {arg} replaces it") from None
+            raise
+        self.p.info(f"saved to {path}")
 
-    def do_load(self, arg):
+    def do_load(self, arg, force=False):
         if not arg:
             raise InputError("usage: /load FILE")
+        if self.s.modified and not force:
+            n = len(self.s.messages)
+            raise InputError(f"the current conversation ({n} message{'s' if n != 1 else ''}) is not "
+                             f"saved: /save FILE first, or /load! {arg} to discard it")
         self.s.load(arg)
         self.p.info(f"loaded {len(self.s.messages)} messages from {arg}")
 
@@ -214,7 +256,9 @@ class _Commands:
 
         if not arg:
             raise InputError("usage: /read FILE")
-        _stream(self.s, self.s.send(read_file(os.path.expanduser(arg))), self.p, self.state["stats"])
+        text = read_file(os.path.expanduser(arg))
+        self.p.info(f"[{arg}] {preview(text)}")
+        _stream(self.s, self.s.send(text), self.p, self.state["stats"])
 
     def do_stats(self, arg):
         self.state["stats"] = not self.state["stats"]
@@ -261,10 +305,22 @@ def _key_bindings():
     return kb
 
 
-def read_message(prompt) -> str:
+def read_message(prompt, notice=None) -> str:
     """Read one message with ``prompt(text) -> line``: a line ending in ``\\`` continues on the next
     line; a line starting with ``\"\"\"`` opens a block that ends at a line ending in ``\"\"\"``.
-    Raises EOFError / KeyboardInterrupt as ``prompt`` does."""
+
+    Ctrl-D (EOFError) on a continuation line ends the message there, as the closing ``\"\"\"``
+    would (``notice`` is told so): the text typed so far is sent, not lost. Raises EOFError at
+    the first prompt and KeyboardInterrupt as ``prompt`` does."""
+    def more(lines):
+        try:
+            return prompt("... ")
+        except EOFError:
+            if notice is not None:
+                what = "sending the text typed so far" if "".join(lines).strip() else "nothing to send"
+                notice(f"Ctrl-D ended the multi-line input: {what}")
+            return None
+
     line = prompt(">>> ")
     if line.lstrip().startswith('"""'):
         first = line.lstrip()[3:]
@@ -272,7 +328,9 @@ def read_message(prompt) -> str:
             return first.rstrip()[:-3]
         lines = [first]
         while True:
-            line = prompt("... ")
+            line = more(lines)
+            if line is None:
+                break
             if line.rstrip().endswith('"""'):
                 lines.append(line.rstrip()[:-3])
                 break
@@ -284,10 +342,11 @@ def read_message(prompt) -> str:
             lines.pop()
         return "\n".join(lines)
     lines = []
-    while line.endswith("\\"):
+    while line is not None and line.endswith("\\"):
         lines.append(line[:-1])
-        line = prompt("... ")
-    lines.append(line)
+        line = more(lines)
+    if line is not None:
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -332,7 +391,40 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
     return _loop(session, p, stats, history, input, output)
 
 
+def _prompt_output(stdout, stderr):
+    """The prompt-toolkit Output for the prompt and line editor, and a file to close after.
+
+    The editor belongs on the terminal, whichever stream that is: stdout when it is one, else
+    stderr, else /dev/tty, so that ``llmsh chat > file`` or ``llmsh chat | tee log`` still shows
+    the prompt and leaves stdout with nothing but the replies (no escape codes). prompt-toolkit's
+    default would draw on stdout regardless.
+    """
+    from prompt_toolkit.output import create_output
+
+    from .output import is_terminal
+
+    for stream in (stdout, stderr):
+        if is_terminal(stream):
+            return create_output(stdout=stream), None
+    try:
+        tty = open("/dev/tty", "w", encoding="utf-8")
+    except OSError:
+        return create_output(stdout=stderr), None  # plain text: still no codes on stdout
+    return create_output(stdout=tty), tty
+
+
 def _loop(session: ChatSession, p: _Printer, stats: bool, history, input, output) -> int:
+    tty = None
+    if output is None:
+        output, tty = _prompt_output(p.out, p.err)
+    try:
+        return _prompt_loop(session, p, stats, history, input, output)
+    finally:
+        if tty is not None:
+            tty.close()
+
+
+def _prompt_loop(session: ChatSession, p: _Printer, stats: bool, history, input, output) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import InMemoryHistory
 
@@ -350,7 +442,7 @@ def _loop(session: ChatSession, p: _Printer, stats: bool, history, input, output
     p.info(f"llmsh chat with {session.model.path.name}: /help for commands, Ctrl-D to leave")
     while True:
         try:
-            text = read_message(lambda prompt: ps.prompt(prompt))
+            text = read_message(lambda prompt: ps.prompt(prompt), notice=lambda t: p.info(t, "yellow"))
         except KeyboardInterrupt:
             p.info(EXIT_HINT)
             continue

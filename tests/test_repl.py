@@ -78,10 +78,59 @@ def test_slash_commands(lm, tmp_path):
     assert "error: unknown command /foo" in err
     assert "temperature=0.5, top_k=3, top_p=1.0" in err and "seed=42" in err and "max_tokens=3" in err
     assert "system: 'Talk like a pirate.'" in err and "system: None" in err
-    assert "context: 0/" in err  # after /clear
+    assert "context 0/" in err  # after /clear
     assert "3 tokens," in err or "finish: stop" in err  # the /stats line, max_tokens 3
     data = json.loads(f.read_text(encoding="utf-8"))
     assert data["system"] == "Talk like a pirate." and len(data["messages"]) == 2
+
+
+def test_stats_line_and_show_count_the_same_context(lm):
+    rc, out, err = drive(lm, "first message\n/show\n/exit\n", stats=True)
+    stats = [ln for ln in err.splitlines() if "tokens/s" in ln][0]
+    show = [ln for ln in err.splitlines() if ln.startswith("context ")][0]
+    used = stats.split("context ")[1].split(",")[0]
+    assert show.startswith(f"context {used} tokens")
+
+
+def test_max_tokens_can_be_lifted_again(lm):
+    for off in ("none", "off", "0", "OFF"):
+        rc, out, err = drive(lm, f"/set max_tokens 3\n/set max_tokens {off}\n/show\n/exit\n")
+        assert "max_tokens=None" in err and "error" not in err
+    rc, out, err = drive(lm, "/set max_tokens -2\n/set seed off\n/show\n/exit\n")
+    assert "error: max_tokens must be an integer >= 1" in err and "seed=None" in err
+
+
+def test_save_refuses_to_overwrite_other_files_and_keeps_modes(lm, tmp_path):
+    other, conv, new = tmp_path / "notes.txt", tmp_path / "c.json", tmp_path / "new.json"
+    other.write_text("precious\n", encoding="utf-8")
+    rc, out, err = drive(lm, f"hi\n/save {other}\n/save {conv}\n/exit\n")
+    assert other.read_text(encoding="utf-8") == "precious\n"
+    assert f"error: {other} exists and is not a saved llmsh conversation" in err and "/save! " in err
+    os.chmod(conv, 0o644)
+    rc, out, err = drive(lm, f"/load {conv}\nmore\n/save {conv}\n/save {new}\n/save! {other}\n/exit\n")
+    assert len(saved(conv)) == 4 and len(saved(other)) == 4 and "error" not in err
+    assert stat.S_IMODE(conv.stat().st_mode) == 0o644  # our own file, overwritten: mode kept
+    assert stat.S_IMODE(new.stat().st_mode) == 0o600  # a new file is private
+
+
+def test_load_refuses_to_discard_an_unsaved_conversation(lm, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    drive(lm, f"one\n/save {a}\n/exit\n")
+    keys = (f"/load {a}\n"  # nothing to lose yet
+            f"/load {a}\n"  # unchanged since the load
+            f"two\n/load {a}\n/save {b}\n"  # changed: refused, then saved
+            f"/load {a}\nthree\n/load! {a}\n/exit\n")  # changed: forced
+    rc, out, err = drive(lm, keys)
+    assert err.count("loaded 2 messages") == 4
+    assert err.count("error: the current conversation (4 messages) is not saved") == 1
+    assert "/load! " in err and len(saved(b)) == 4
+
+
+def test_ctrl_d_ends_a_multiline_block_without_leaving(lm, tmp_path):
+    f = tmp_path / "c.json"
+    rc, out, err = drive(lm, f'"""\nblock a\nblock b\n\x04line \\\n\x04"""\n\x04/save {f}\n/exit\n')
+    assert [m["content"] for m in saved(f) if m["role"] == "user"] == ["block a\nblock b", "line "]
+    assert err.count("Ctrl-D ended the multi-line input") == 3 and "nothing to send" in err
 
 
 def test_stats_line_shows_cache_reuse(lm):
@@ -116,8 +165,9 @@ def test_save_then_load_round_trip(lm, tmp_path):
 def test_read_sends_a_file(lm, tmp_path):
     (tmp_path / "q.txt").write_text("Café question\nsecond line\n", encoding="utf-8")
     f = tmp_path / "c.json"
-    drive(lm, f"/read {tmp_path / 'q.txt'}\n/read {tmp_path / 'nope.txt'}\n/save {f}\n/exit\n")
+    rc, out, err = drive(lm, f"/read {tmp_path / 'q.txt'}\n/read {tmp_path / 'nope.txt'}\n/save {f}\n/exit\n")
     assert saved(f)[0]["content"] == "Café question\nsecond line\n"
+    assert "'Café question' (2 lines, 26 chars)" in err  # the preview, before the reply
     assert len(saved(f)) == 2
 
 
@@ -227,60 +277,110 @@ def test_piped_ctrl_c_propagates(lm, monkeypatch):
     assert out.getvalue() == "" or out.getvalue().endswith("\n")
 
 
-@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="needs a POSIX pty")
-def test_chat_under_a_real_terminal(chat_model, tmp_path):  # noqa: F811
-    """``llmsh chat`` in a subprocess on a pseudo-terminal: prompt, reply, /exit, exit status 0."""
-    import pty
-    import select
-    import subprocess
-    import time
+class Terminal:
+    """A subprocess of ``llmsh chat`` with a pseudo-terminal as its controlling terminal, on stdin
+    and stderr (and stdout, unless ``stdout`` is given, e.g. subprocess.PIPE)."""
 
-    pytest.importorskip("llmsh.cli")
-    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path), LLMSH_HOME=str(tmp_path / "home"),
-               NO_COLOR="1", TERM="xterm")
-    main, child = pty.openpty()
+    def __init__(self, args, env, stdout=None):
+        import pty
+        import subprocess
 
-    def controlling_terminal():  # as a login shell would: a new session with the pty as its tty
-        import fcntl
-        import termios
+        self.main, child = pty.openpty()
 
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        def controlling_terminal():  # as a login shell would: a new session with the pty as its tty
+            import fcntl
+            import termios
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmsh.cli", "chat", "-m", str(chat_model), "--temperature", "0",
-         "-n", "4", "--stats"],
-        stdin=child, stdout=child, stderr=child, env=env, cwd=Path(__file__).parents[1], close_fds=True,
-        preexec_fn=controlling_terminal)
-    os.close(child)
-    seen = b""
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    def wait_for(needle: bytes, count: int = 1, timeout: float = 60) -> None:
-        nonlocal seen
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmsh.cli", *args], stdin=child,
+            stdout=child if stdout is None else stdout, stderr=child, env=env,
+            cwd=Path(__file__).parents[1], close_fds=True, preexec_fn=controlling_terminal)
+        os.close(child)
+        self.seen = b""
+
+    def wait_for(self, needle: bytes, count: int = 1, timeout: float = 60) -> None:
+        import select
+        import time
+
         end = time.monotonic() + timeout
-        while seen.count(needle) < count:
+        while self.seen.count(needle) < count:
             left = end - time.monotonic()
-            assert left > 0 and proc.poll() is None, f"waiting for {needle!r}, got {seen[-2000:]!r}"
-            if select.select([main], [], [], min(left, 1.0))[0]:
+            assert left > 0 and self.proc.poll() is None, f"waiting for {needle!r}, got {self.seen[-2000:]!r}"
+            if select.select([self.main], [], [], min(left, 1.0))[0]:
                 try:
-                    data = os.read(main, 65536)
+                    data = os.read(self.main, 65536)
                 except OSError:
                     break
                 if b"\x1b[6n" in data:  # answer cursor-position requests as a terminal would
-                    os.write(main, b"\x1b[1;1R")
-                seen += data
+                    os.write(self.main, b"\x1b[1;1R")
+                self.seen += data
 
+    def type(self, keys: bytes) -> None:
+        os.write(self.main, keys)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        os.close(self.main)
+
+
+needs_pty = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="needs a POSIX pty")
+
+
+def _env(tmp_path):
+    return dict(os.environ, XDG_DATA_HOME=str(tmp_path), LLMSH_HOME=str(tmp_path / "home"),
+                NO_COLOR="1", TERM="xterm")
+
+
+@needs_pty
+def test_chat_under_a_real_terminal(chat_model, tmp_path):  # noqa: F811
+    """``llmsh chat`` in a subprocess on a pseudo-terminal: prompt, reply, /exit, exit status 0."""
+    pytest.importorskip("llmsh.cli")
+    t = Terminal(["chat", "-m", str(chat_model), "--temperature", "0", "-n", "4", "--stats"], _env(tmp_path))
     try:
-        wait_for(b">>>")
-        os.write(main, b"hello\r")
-        wait_for(b"tokens/s")
-        wait_for(b">>>", 2)
-        os.write(main, b"\x03")  # Ctrl-C at an empty prompt
-        wait_for(b"to leave")
-        os.write(main, b"/exit\r")
-        assert proc.wait(timeout=60) == 0
+        t.wait_for(b">>>")
+        t.type(b"hello\r")
+        t.wait_for(b"tokens/s")
+        t.wait_for(b">>>", 2)
+        t.type(b"\x03")  # Ctrl-C at an empty prompt
+        t.wait_for(b"to leave")
+        t.type(b"/exit\r")
+        assert t.proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(main)
+        t.close()
     assert (tmp_path / "llmsh" / "chat_history").is_file()
+
+
+@needs_pty
+def test_chat_with_stdout_piped_keeps_the_prompt_on_the_terminal(chat_model, tmp_path):  # noqa: F811
+    """``llmsh chat | tee log``: the prompt and line editor are drawn on the terminal (stderr),
+    stdout gets the plain replies only, with no escape codes or prompt text."""
+    import subprocess
+    import threading
+
+    pytest.importorskip("llmsh.cli")
+    f = tmp_path / "c.json"
+    t = Terminal(["chat", "-m", str(chat_model), "--temperature", "0", "-n", "4", "--stats"], _env(tmp_path),
+                 stdout=subprocess.PIPE)
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.append(t.proc.stdout.read()))
+    reader.start()
+    try:
+        t.wait_for(b">>>")  # the prompt reached the terminal through stderr
+        t.type(b"hello\r")
+        t.wait_for(b"tokens/s")
+        t.wait_for(b">>>", 2)
+        t.type(f"/save {f}\r".encode())
+        t.wait_for(b"saved to")
+        t.type(b"/exit\r")
+        assert t.proc.wait(timeout=60) == 0
+    finally:
+        t.close()
+        reader.join(timeout=10)
+    out = chunks[0].decode("utf-8")
+    reply = saved(f)[1]["content"]
+    assert out == (reply + "\n" if reply else "")
+    assert "\x1b" not in out and ">>>" not in out and "\r" not in out
