@@ -26,6 +26,7 @@ from .errors import InputError, TemplateError
 
 DEFAULT_N_CTX_CAP = 8192  # default context when the model allows more: caps KV-cache memory
 SAVE_FORMAT = "llmsh-chat"
+_MAX_SAVED_BYTES = 64 << 20
 _MARK = re.compile("\ue000LLMSH([0-9]+)\ue001")  # private-use code points never typed in practice
 
 
@@ -359,7 +360,13 @@ def is_saved_conversation(path) -> bool:
     """Whether ``path`` holds a conversation written by :meth:`ChatSession.save` (a JSON object
     with ``"format": "llmsh-chat"`` and well-formed messages). Never raises."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        with open(Path(path).expanduser(), "rb") as f:
+            # A conversation fits in a context, so a big file (a disk image, a model) is not one:
+            # no need to read it all to say so.
+            if os.fstat(f.fileno()).st_size > _MAX_SAVED_BYTES or f.read(1).lstrip()[:1] not in (b"{", b""):
+                return False
+            f.seek(0)
+            data = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and data.get("format") == SAVE_FORMAT and _check_saved(data)
