@@ -20,6 +20,10 @@ from .errors import InputError
 
 PROG = "llmsh"
 
+# What read_stdin / read_file do with invalid UTF-8 when the caller does not say: a command's
+# --errors sets it once, so that input read deeper down (chat's /read) follows the same option.
+input_errors = "strict"
+
 
 def is_terminal(stream) -> bool:
     """True when ``stream`` is an interactive terminal (False for pipes, files, CliRunner)."""
@@ -62,14 +66,15 @@ def notice(message: str) -> None:
     click.echo(f"{PROG}: {message}", err=True)
 
 
-def decode_bytes(data: bytes, *, errors: str = "strict", source: str = "stdin") -> str:
-    """Decode UTF-8 input; ``errors="replace"`` substitutes U+FFFD for invalid bytes.
+def decode_bytes(data: bytes, *, errors: str | None = None, source: str = "stdin") -> str:
+    """Decode UTF-8 input; ``errors="replace"`` substitutes U+FFFD for invalid bytes (default:
+    :data:`input_errors`).
 
     Raises:
         InputError: ``data`` is not valid UTF-8 (with ``errors="strict"``), naming the byte offset.
     """
     try:
-        return data.decode("utf-8", errors=errors)
+        return data.decode("utf-8", errors=errors or input_errors)
     except UnicodeDecodeError as e:
         raise InputError(
             f"{source} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); "
@@ -77,14 +82,14 @@ def decode_bytes(data: bytes, *, errors: str = "strict", source: str = "stdin") 
         ) from None
 
 
-def read_stdin(*, errors: str = "strict") -> str:
+def read_stdin(*, errors: str | None = None) -> str:
     """Read all of stdin as text, exactly as given (no newline stripping). See :func:`decode_bytes`."""
     stream = sys.stdin
     data = stream.buffer.read() if hasattr(stream, "buffer") else stream.read().encode("utf-8")
     return decode_bytes(data, errors=errors)
 
 
-def read_file(path: str, *, errors: str = "strict") -> str:
+def read_file(path: str, *, errors: str | None = None) -> str:
     """Read a file (``-`` for stdin) as UTF-8 text.
 
     Raises:
@@ -176,7 +181,27 @@ def alternate_colors(pieces: list[str], stream) -> str:
         return "".join(pieces)
     styles = ("\x1b[30;46m", "\x1b[30;43m")
     out = []
-    for i, p in enumerate(pieces):
+    # Empty pieces (a token that is only part of a character) show nothing: they take no colour
+    # slot, so that the visible neighbours still alternate.
+    for i, p in enumerate(p for p in pieces if p):
         shown = p.replace("\n", "\\n")
         out.append(f"{styles[i % 2]}{shown}\x1b[0m")
     return "".join(out)
+
+
+def stats_line(st, *, context_used: int, n_ctx: int) -> str:
+    """The one statistics line of ``generate --stats`` and ``chat --stats`` (stderr).
+
+    ``st`` is a :class:`llmsh.generate.GenerationStats`; ``context_used`` the tokens in the KV
+    cache afterwards, ``n_ctx`` the context size. Example::
+
+        12 tokens, 25.3 tokens/s, TTFT 0.08 s, context 40/8192, reused 0/28 prompt tokens
+        (350.1 tokens/s), total 0.55 s, finish: stop
+    """
+    rate = f"{st.decode_tokens_per_s:.1f} tokens/s" if st.decode_steps else "- tokens/s"
+    prefill = f"{st.prefill_tokens_per_s:.1f} tokens/s" if st.prefill_seconds > 0 else "- tokens/s"
+    return (f"{st.generated_tokens} tokens, {rate}, TTFT {st.ttft_seconds:.2f} s, "
+            f"context {context_used}/{n_ctx}, "
+            f"reused {st.reused_tokens}/{st.prompt_tokens} prompt tokens ({prefill}), "
+            f"total {st.prefill_seconds + st.decode_seconds:.2f} s, "
+            f"finish: {st.finish_reason or 'interrupted'}")
