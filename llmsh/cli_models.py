@@ -168,7 +168,7 @@ def pull(name, force):
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="dtype of the written weights (Q4/Q8 values are exact in float32).")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
 def convert(gguf_file, out_dir, dtype, force):
     """Convert a GGUF file into a Hugging Face-style model folder (safetensors + tokenizer.json).
 
@@ -179,8 +179,20 @@ def convert(gguf_file, out_dir, dtype, force):
       llmsh convert SmolLM2-135M-Instruct.Q4_1.gguf smollm2/
       llmsh convert model.gguf out/ --dtype bfloat16 --force
     """
-    from .convert import convert_gguf
+    import os
 
+    from .convert import convert_gguf
+    from .errors import ConvertError
+
+    if os.path.isdir(out_dir) and not force:
+        try:
+            empty = not os.listdir(out_dir)
+            if empty:
+                os.rmdir(out_dir)  # an empty folder (mkdir out && llmsh convert x.gguf out) is fine
+        except OSError as e:
+            raise ConvertError(f"cannot use output folder {out_dir}: {e.strerror or e}") from None
+        if not empty:
+            raise ConvertError(f"output folder {out_dir} is not empty (use --force to replace it)")
     with _stage_progress() as progress:
         path = convert_gguf(gguf_file, out_dir, dtype=dtype, overwrite=force, progress=progress)
     click.echo(str(path))
