@@ -21,8 +21,8 @@ import sys
 import click
 
 from . import __version__, output
-from .cli_common import (CONTEXT_SETTINGS, load, model_options, read_prompt, sampling_options,
-                         sampling_params)
+from .cli_common import (CONTEXT_SETTINGS, arg_text, errors_option, load, model_options, read_prompt,
+                         sampling_options, sampling_params, stop_option)
 from .errors import InputError, LlmshError
 
 # Commands that live in their own modules, imported only when used (or listed by --help).
@@ -52,10 +52,21 @@ class LlmshGroup(click.Group):
         return self.commands.get(name)
 
     def parse_args(self, ctx, args):
-        # `llmsh -m MODEL` (options but no command) means the default command with those options.
-        if args and args[0].startswith("-") and args[0] not in ("-h", "--help", "-V", "--version"):
-            args = [default_command()] + list(args)
+        # As `llm "prompt"`: without a command name, arguments go to the default command.
+        args = list(args)
+        if args and args[0] not in ("-h", "--help", "-V", "--version"):
+            first = args[0]
+            if first.startswith("-") and first != "-":
+                # `llmsh -m MODEL`, `llmsh -n 5 hello`: generate if a prompt is among them.
+                args = [default_command(has_prompt=_has_prompt(ctx, args))] + args
+            elif self.get_command(ctx, first) is None:
+                args = ["generate"] + args  # `llmsh "What is the capital of France?"`
         return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        self._last_command = (ctx.command_path, name)  # for the --help hint of parser errors
+        return name, cmd, rest
 
     def invoke(self, ctx):
         try:
@@ -64,13 +75,17 @@ class LlmshGroup(click.Group):
             raise click.exceptions.Exit(_broken_pipe()) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        self._last_command = None
         try:
             rv = super().main(args, prog_name or "llmsh", complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
             output.stdout().flush()
         except click.UsageError as e:
             # One line like every other error, with where to look (instead of click's usage block).
-            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            path = e.ctx.command_path if e.ctx is not None else None
+            if path is None and self._last_command:  # click's parser errors carry no context
+                path = " ".join(self._last_command)
+            hint = f" (see '{path} --help')" if path else ""
             output.error(e.format_message().rstrip(".") + hint)
             code = e.exit_code
         except click.ClickException as e:
@@ -137,9 +152,23 @@ def cli(ctx):
             cmd.invoke(sub)
 
 
-def default_command() -> str:
-    """What plain `llmsh` runs: chat on a terminal, generate when text is piped in."""
-    return "chat" if output.stdin_is_terminal() else "generate"
+def default_command(has_prompt: bool = False) -> str:
+    """What `llmsh` without a command runs: generate when a prompt is given as arguments or text
+    is piped in; chat on a terminal otherwise."""
+    return "chat" if output.stdin_is_terminal() and not has_prompt else "generate"
+
+
+def _has_prompt(ctx, args: list[str]) -> bool:
+    """Whether ``args`` (options first) hold a positional PROMPT for generate, read with generate's
+    own option parser (so `-n 5 hello` is a prompt, `-m ./model` is not). Unparsable (an option
+    only chat has): no prompt."""
+    gen = ctx.command.get_command(ctx, "generate")
+    try:
+        sub = click.Context(gen, info_name="generate", parent=ctx, resilient_parsing=True)
+        opts, rest, _ = gen.make_parser(sub).parse_args(list(args))
+    except click.UsageError:
+        return False
+    return bool(opts.get("prompt") or rest)
 
 
 def _write_json(obj) -> None:
@@ -155,21 +184,28 @@ def _write_json(obj) -> None:
 @click.option("-s", "--system", metavar="TEXT", help="System message (chat mode).")
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=512, show_default=True, metavar="N",
               help="Most tokens to generate (fewer if the context fills up).")
+@click.option("-c", "--n-ctx", type=click.IntRange(2), default=None, metavar="N",
+              help="Context (KV cache) length in tokens: the prompt must fit, and generation stops "
+                   "(finish_reason length) when it is full [default: the model's, capped at 8192].")
 @sampling_options
-@click.option("--stop", multiple=True, metavar="STR",
-              help="Stop when this text appears (not printed). Repeatable.")
-@click.option("--stats", is_flag=True, help="Print token counts and timings to stderr.")
+@stop_option
+@click.option("--stats", is_flag=True, help="Print token counts, speeds, time to first token and "
+                                            "context use to stderr.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: text, tokens, finish_reason, prompt_tokens, "
-                   "completion_tokens, timings.")
-def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, temperature, top_k, top_p,
-             min_p, repetition_penalty, seed, stop, stats, as_json):
+                   "completion_tokens, timings. tokens (and completion_tokens, its length) are all "
+                   "the ids generated, including those that completed a --stop string cut from text; "
+                   "an end-of-sequence token is not included.")
+@errors_option
+def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx, temperature, top_k,
+             top_p, min_p, repetition_penalty, seed, stop, stats, as_json, errors):
     """Generate one reply to PROMPT and stream it to stdout.
 
     The prompt is the arguments joined by spaces. When stdin is not a terminal, its content comes
     first, then a blank line, then the arguments. Sampling defaults come from the model's
     generation_config.json (greedy unless it sets do_sample). Output is plain text when stdout is
-    not a terminal and always ends with a newline.
+    not a terminal and always ends with a newline. "llmsh PROMPT" (no command) is the same as
+    "llmsh generate PROMPT".
 
     \b
     Examples:
@@ -179,12 +215,19 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, temper
       llmsh generate --raw -n 40 --temperature 0.8 --seed 1 "The quick brown fox"
       llmsh generate --json --stop "." "Say hi" | jq .text
     """
-    text = read_prompt(prompt)  # before torch is imported: bad input fails at once
+    output.input_errors = errors
+    text = read_prompt(prompt, errors)  # before torch is imported: bad input fails at once
+    system = None if system is None else arg_text(system, "the --system value", errors)
     from .cache import KVCache
     from .generate import GenerationStats, generate_text
+    from .session import DEFAULT_N_CTX_CAP
 
     lm = load(model, device, dtype)
     tok = lm.tokenizer
+    if n_ctx is None:
+        n_ctx = min(lm.n_ctx_max, DEFAULT_N_CTX_CAP)
+    elif n_ctx > lm.n_ctx_max:
+        raise InputError(f"--n-ctx {n_ctx} is larger than the model's context ({lm.n_ctx_max} tokens)")
     if chat_mode is None:
         chat_mode = tok.chat_template is not None or system is not None
     if chat_mode:
@@ -196,11 +239,12 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, temper
         ids = tok.encode(text)
     if not ids:
         raise InputError("empty prompt: it has no tokens")
-    n_ctx = lm.n_ctx_max
     if len(ids) >= n_ctx:
-        raise InputError(f"the prompt is {len(ids)} tokens but the model's context is {n_ctx} tokens")
+        raise InputError(f"the prompt is {len(ids)} tokens but the context (--n-ctx) is {n_ctx} "
+                         "tokens: it must leave room for at least one generated token")
     params = sampling_params(lm.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    # Only as much cache as this run can use; a full cache ends generation with "length".
     cache = KVCache.for_model(lm.config, min(n_ctx, len(ids) + max_tokens), dtype=lm.dtype, device=lm.device)
     st = GenerationStats()
     pieces = generate_text(lm.decoder, tok, ids, cache, params, max_new_tokens=max_tokens,
@@ -209,7 +253,7 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, temper
         reply = "".join(pieces)
         _write_json({"text": reply, "tokens": st.token_ids, "finish_reason": st.finish_reason,
                      "prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens,
-                     "timings": timings(st)})
+                     "n_ctx": n_ctx, "timings": timings(st)})
     else:
         out = output.StreamWriter()
         try:
@@ -218,7 +262,7 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, temper
         finally:
             out.finish()
     if stats:
-        output.notice(stats_line(st, n_ctx=cache.max_seq_len))
+        output.notice(output.stats_line(st, context_used=cache.offset, n_ctx=n_ctx))
 
 
 def timings(st) -> dict:
@@ -231,18 +275,6 @@ def timings(st) -> dict:
         "prefill_tokens_per_s": round(st.prefill_tokens_per_s, 3),
         "decode_tokens_per_s": round(st.decode_tokens_per_s, 3),
     }
-
-
-def stats_line(st, *, n_ctx: int | None = None) -> str:
-    """One line of statistics: prompt and generated tokens, speeds, time to first token."""
-    parts = [f"prompt {st.prompt_tokens} tokens ({st.prefill_tokens_per_s:.1f} tok/s)",
-             f"generated {st.generated_tokens} tokens ({st.decode_tokens_per_s:.1f} tok/s)",
-             f"ttft {st.ttft_seconds:.3f} s",
-             f"total {st.prefill_seconds + st.decode_seconds:.3f} s"]
-    if n_ctx:
-        parts.append(f"context {st.prompt_tokens + st.generated_tokens}/{n_ctx}")
-    parts.append(f"finish {st.finish_reason or 'interrupted'}")
-    return ", ".join(parts)
 
 
 def encode_chat(lm, messages: list[dict]) -> list[int]:
@@ -267,8 +299,9 @@ def encode_chat(lm, messages: list[dict]) -> list[int]:
 @click.option("--stats", is_flag=True, help="After each reply, print tokens, tokens/s, time to "
                                             "first token and context use.")
 @click.option("--no-history", is_flag=True, help="Do not read or write the input history file.")
+@errors_option
 def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, top_p, min_p,
-         repetition_penalty, seed, stats, no_history):
+         repetition_penalty, seed, stats, no_history, errors):
     """Chat with a model in the terminal (type /help for commands, Ctrl-D to quit).
 
     The conversation's KV cache is kept across turns, so each turn only processes the new
@@ -280,11 +313,28 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
       llmsh chat
       llmsh chat -m ./my-model --system "You are a pirate." --temperature 0.7
       echo "Tell me a joke." | llmsh chat
+
+    \b
+    Slash commands (type /help in the chat):
+      /help                 show the commands
+      /exit                 leave (also /quit or Ctrl-D)
+      /clear                start a new conversation (keeps the system message)
+      /undo                 drop the last exchange
+      /regen                regenerate the last reply
+      /system [TEXT]        set the system message (no TEXT: remove it)
+      /set PARAM VALUE      temperature, top_k, top_p, min_p, repetition_penalty, max_tokens, seed
+      /show                 model, parameters, context use, template
+      /save FILE            write the conversation as JSON
+      /load FILE            read a conversation saved with /save
+      /read FILE            send the file's contents as the message
+      /stats                toggle the statistics line after each reply
     """
     import io
 
     from .repl import run_chat
 
+    output.input_errors = errors  # also for /read
+    system = None if system is None else arg_text(system, "the --system value", errors)
     piped = None
     if not output.stdin_is_terminal():
         # Read (and check) the one message before loading the model: a clear error for invalid

@@ -36,10 +36,69 @@ def model_options(f):
     return f
 
 
+class SeedType(click.ParamType):
+    """A seed: an integer 0 .. 2**63-1, with a message that says so (click's IntRange says
+    "not a valid integer range")."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            n = value
+        else:
+            try:
+                n = int(str(value).strip(), 10)
+            except ValueError:
+                self.fail(f"{value!r} is not an integer (give a whole number 0 .. 2**63-1)", param, ctx)
+        if not 0 <= n < 2**63:
+            self.fail(f"{n} is out of range (give a whole number 0 .. 2**63-1)", param, ctx)
+        return n
+
+
+def _check_stops(ctx, param, value):
+    if any(s == "" for s in value):
+        raise click.BadParameter("a stop string cannot be empty")
+    return tuple(arg_text(s, "a --stop value") for s in value)
+
+
+def stop_option(f):
+    """``--stop STR`` (repeatable, non-empty)."""
+    return click.option("--stop", multiple=True, metavar="STR", callback=_check_stops,
+                        help="Stop when this text appears (it and what follows are not printed). "
+                             "Repeatable; not empty.")(f)
+
+
+ERRORS_CHOICE = click.Choice(["strict", "replace"])
+
+
+def errors_option(f, what: str = "input"):
+    """``--errors strict|replace``: what to do with invalid UTF-8 in stdin, files and arguments."""
+    return click.option("--errors", type=ERRORS_CHOICE, default="strict", show_default=True,
+                        help=f"What to do with invalid UTF-8 {what}: strict = an error, replace = "
+                             "substitute U+FFFD.")(f)
+
+
+def arg_text(s: str, what: str = "a command-line argument", errors: str = "strict") -> str:
+    """Check that a command-line argument is valid UTF-8.
+
+    Python turns argv bytes that are not valid UTF-8 into lone surrogates ("surrogateescape"),
+    which the tokenizer rejects with a TypeError; this finds them first.
+
+    Raises:
+        InputError: (errors="strict") naming the argument and the byte, as for stdin.
+    """
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        data = s.encode("utf-8", "surrogateescape")
+        return output.decode_bytes(data, errors=errors, source=what)
+
+
 def sampling_options(f):
     """Sampling options, range-checked at parse time; None means "the model's default"."""
     opts = [
-        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, metavar="N",
+        click.option("--seed", type=SeedType(), default=None, metavar="N",
                      help="Random seed, for reproducible sampling."),
         click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=None,
                      metavar="X", help="Penalise tokens already present (> 0; 1 = off)."),
@@ -75,18 +134,18 @@ def load(model, device: str, dtype: str):
     return load_model(model, device=device, dtype=dtype, notice=output.notice)
 
 
-def read_prompt(args: tuple[str, ...]) -> str:
+def read_prompt(args: tuple[str, ...], errors: str = "strict") -> str:
     """The prompt of ``generate``: the arguments joined by spaces, after stdin's content when stdin
     is not a terminal (stdin, then a blank line, then the arguments), as ``llm`` does.
 
     Raises:
-        InputError: both are empty, or stdin is not valid UTF-8.
+        InputError: both are empty, or stdin or an argument is not valid UTF-8 (errors="strict").
     """
     from .errors import InputError
 
-    text = " ".join(args)
+    text = arg_text(" ".join(args), "the prompt argument", errors)
     if not output.stdin_is_terminal():
-        piped = output.read_stdin()
+        piped = output.read_stdin(errors=errors)
         if piped.strip():
             piped = piped.rstrip("\r\n") if text else _strip_one_newline(piped)
             text = f"{piped}\n\n{text}" if text else piped

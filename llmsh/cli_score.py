@@ -9,10 +9,11 @@ import re
 import click
 
 from . import output
-from .cli_common import CONTEXT_SETTINGS, load, model_options
+from .cli_common import CONTEXT_SETTINGS, arg_text, errors_option, load, model_options
 from .errors import InputError
 
-_ERRORS = click.Choice(["strict", "replace"])
+# The default protocol scores positions n_ctx/2 .. n_ctx-2 of each window: at least one at 4.
+MIN_N_CTX = 4
 
 
 def _finite(x: float):
@@ -29,15 +30,18 @@ def _result_line(source, r) -> str:
     if not r.n_tokens:
         return f"{source}: no tokens to score"
     proto = r.protocol + (f", stride {r.stride}" if r.stride else "")
-    return (f"{source}: PPL {r.perplexity:.4f} ± {r.stderr:.4f}, NLL {r.nll:.4f} nats/token, "
+    # One scored token has no spread to estimate an error from.
+    err = f"{r.stderr:.4f}" if r.stderr is not None and math.isfinite(r.stderr) else "n/a"
+    return (f"{source}: PPL {r.perplexity:.4f} ± {err}, NLL {r.nll:.4f} nats/token, "
             f"{r.bits_per_byte:.4f} bits/byte, {r.n_tokens} tokens scored ({proto}, n_ctx {r.n_ctx})")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS, short_help="Score text: perplexity, NLL, bits per byte (alias: ppl).")
 @click.argument("files", nargs=-1, metavar="[FILE]...")
 @model_options
-@click.option("-c", "--n-ctx", type=click.IntRange(2), default=512, show_default=True,
-              help="Window length in tokens (capped at the model's context).")
+@click.option("-c", "--n-ctx", type=click.IntRange(MIN_N_CTX), default=512, show_default=True,
+              help=f"Window length in tokens, {MIN_N_CTX} .. the model's context (the default "
+                   "is lowered to a shorter model context; a larger value given is an error).")
 @click.option("--stride", type=click.IntRange(1), default=None, metavar="S",
               help="Hugging Face sliding-window protocol: windows of n_ctx tokens every S tokens.")
 @click.option("--all-tokens", is_flag=True, help="Score every position of each window, not only the second half.")
@@ -45,8 +49,7 @@ def _result_line(source, r) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file (or line).")
 @click.option("--per-token", "per_token", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Write every scored token as JSONL (source, position, id, text, logprob) to FILE.")
-@click.option("--errors", type=_ERRORS, default="strict", show_default=True,
-              help="What to do with invalid UTF-8 input.")
+@errors_option
 def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line, as_json, per_token, errors):
     """Score text: perplexity ± standard error, mean NLL, bits per byte (alias: ppl).
 
@@ -67,6 +70,9 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
 
     if stride is not None and all_tokens:
         raise click.UsageError("--stride and --all-tokens are different protocols: use one")
+    if each_line and (stride is not None or all_tokens):
+        raise click.UsageError(f"--each-line scores each line whole: it does not take "
+                               f"{'--stride' if stride is not None else '--all-tokens'}")
     if stride is not None and stride > n_ctx:
         raise click.BadParameter(f"{stride} is larger than --n-ctx ({n_ctx})", param_hint="'--stride'")
     sources = list(files) or ["-"]
@@ -74,6 +80,7 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
         raise click.UsageError("give FILE arguments or pipe text on stdin")
     texts = [(s if s != "-" else "<stdin>", _strip_one_newline(output.read_file(s, errors=errors)))
              for s in sources]
+    per_token_file = _open_output(per_token) if per_token else None  # fail before the model loads
     lm = load(model, device, dtype)
     tok = lm.tokenizer
     if n_ctx > lm.n_ctx_max:
@@ -105,8 +112,8 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
             results.append((source, r))
             if not as_json:  # results appear as each file is done
                 click.echo(_result_line(source, r))
-    if per_token:
-        _write_per_token(per_token, results, tok)
+    if per_token_file is not None:
+        _write_per_token(per_token_file, results, tok)
     if as_json:
         for source, r in results:
             click.echo(json.dumps(_result_dict(source, r)))
@@ -121,9 +128,17 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
             click.echo(_result_line("total", total))
 
 
-def _write_per_token(path, results, tok) -> None:
+def _open_output(path):
     try:
-        with open(path, "w", encoding="utf-8") as f:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _write_per_token(f, results, tok) -> None:
+    path = f.name
+    try:
+        with f:
             for source, r in results:
                 for pos, tid, nll in zip(r.token_positions or [], r.token_ids or [], r.token_nll or []):
                     f.write(json.dumps({"source": source, "position": pos, "id": tid,
@@ -168,8 +183,7 @@ def _parse_ids(text: str, vocab_size: int) -> list[int]:
               help="Turn special-token text such as <|im_end|> into its id. By default it is "
                    "tokenized as ordinary text.")
 @click.option("--decode", is_flag=True, help="Turn ids (space- or comma-separated) back into text.")
-@click.option("--errors", type=_ERRORS, default="strict", show_default=True,
-              help="What to do with invalid UTF-8 on stdin.")
+@errors_option
 def tokenize(text, model, device, dtype, pieces, count, as_json, no_bos, parse_special, decode, errors):
     """Tokenize TEXT (or stdin, exactly as given) and print the token ids.
 
@@ -187,7 +201,11 @@ def tokenize(text, model, device, dtype, pieces, count, as_json, no_bos, parse_s
     """
     if sum((pieces, count, as_json)) > 1:
         raise click.UsageError("choose one of --pieces, --count, --json")
-    if text is None:
+    if decode and (pieces or count):
+        raise click.UsageError(f"--decode prints text: it does not take {'--pieces' if pieces else '--count'}")
+    if text is not None:
+        text = arg_text(text, "the TEXT argument", errors)
+    else:
         if output.stdin_is_terminal():
             raise click.UsageError("give TEXT or pipe text on stdin")
         text = output.read_stdin(errors=errors)

@@ -26,7 +26,9 @@ RANGE_CASES = [
     (["--top-k", "-1"], "x>=0"),
     (["--repetition-penalty", "0"], "x>0"),
     (["-n", "0"], "x>=1"),
-    (["--seed", "-3"], "0<=x"),
+    (["--seed", "-3"], "0 .. 2**63-1"),
+    (["--seed", "abc"], "not an integer"),
+    (["--n-ctx", "1"], "x>=2"),
     (["--device", "tpu"], "auto, cpu, cuda"),
     (["--dtype", "int8"], "auto"),
 ]
@@ -168,7 +170,11 @@ def test_generate_stop_strings_and_stats(chat_model, llmsh_home):
     out = json.loads(ok(base + ["--stop", "\x00never", "--stop", stop]).stdout)
     assert out["text"] == cut and out["finish_reason"] == "stop"
     r = ok(["generate", "-m", str(chat_model), "--raw", "-n", "4", "--stats", "Hello"])
-    assert "tok/s" in r.stderr and "tok/s" not in r.stdout
+    assert "tokens/s" in r.stderr and "tokens/s" not in r.stdout
+    # context: what the cache holds (prompt + generated - the last, never fed back) / the context
+    # size (the model's 256 here, not prompt + -n).
+    n_prompt = len(hf_tokenizer(chat_model)("Hello").input_ids)
+    assert f"context {n_prompt + 4 - 1}/256," in r.stderr and "finish: length" in r.stderr
 
 
 def test_generate_sampling_options(chat_model, llmsh_home):

@@ -1,0 +1,205 @@
+"""CLI behaviours from the QA pass: bare prompts, --n-ctx for generate, --errors everywhere,
+argv that is not UTF-8, rejected option combinations, and the shared --stats line."""
+
+import json
+import os
+import re
+
+import pytest
+
+from cli_fixtures import bos_model, chat_model, hf_tokenizer, llmsh_home  # noqa: F401
+from test_cli import ok, one_line_error, run
+
+from llmsh import output
+
+BAD = "caf\udce9"  # what Python makes of the argv bytes b"caf\xe9" (surrogateescape)
+
+
+@pytest.fixture
+def terminal(monkeypatch):
+    """stdin is a terminal (nothing piped in)."""
+    monkeypatch.setattr(output, "stdin_is_terminal", lambda: True)
+
+
+def gen_json(chat_model, *args, input=None):
+    return json.loads(ok(["generate", "-m", str(chat_model), "--json", *args], input=input).stdout)
+
+
+# --- routing without a command ----------------------------------------------------------------------
+
+def test_bare_prompt_generates(chat_model, llmsh_home, terminal):
+    a = ok(["What is the capital of France?", "-m", str(chat_model), "-n", "3"]).stdout
+    b = ok(["generate", "-m", str(chat_model), "-n", "3", "What is the capital of France?"]).stdout
+    assert a == b and a.strip()
+    # options first, then the prompt, on a terminal: generate, not chat
+    assert ok(["-m", str(chat_model), "-n", "3", "What is the capital of France?"]).stdout == b
+
+
+def test_options_only_on_a_terminal_start_chat(chat_model, llmsh_home, terminal, monkeypatch):
+    seen = {}
+
+    def fake_chat(lm, **kw):
+        seen.update(kw)
+        return 0
+    monkeypatch.setattr("llmsh.repl.run_chat", fake_chat)
+    ok(["-m", str(chat_model), "--n-ctx", "64", "--no-history"])
+    assert seen["n_ctx"] == 64 and seen["history"] is False
+
+
+def test_options_only_with_empty_stdin_is_generate(chat_model, llmsh_home):
+    one_line_error(run(["-m", str(chat_model), "--n-ctx", "64"], input=""), "empty prompt")
+
+
+def test_command_names_and_aliases_still_win(chat_model, llmsh_home):
+    r = ok(["ppl", "-m", str(chat_model), "--n-ctx", "8", "--json"], input="hello world " * 20)
+    assert json.loads(r.stdout)["n_ctx"] == 8
+
+
+# --- generate --n-ctx ---------------------------------------------------------------------------------
+
+def test_generate_n_ctx_stops_with_length_when_full(chat_model, llmsh_home):
+    n_prompt = len(hf_tokenizer(chat_model)("Hello there").input_ids)
+    out = gen_json(chat_model, "--raw", "-n", "50", "--n-ctx", str(n_prompt + 3), "Hello there")
+    # cache of n_prompt+3 positions: the prompt, then 3 fed-back tokens, then one last sample.
+    assert out["finish_reason"] == "length" and out["completion_tokens"] == 4 and out["n_ctx"] == n_prompt + 3
+    ref = gen_json(chat_model, "--raw", "-n", "4", "Hello there")
+    assert out["tokens"] == ref["tokens"]  # the same tokens: only the limit differs
+    assert gen_json(chat_model, "--raw", "-n", "3", "Hello there")["n_ctx"] == 256  # the model's
+
+
+def test_generate_prompt_must_fit_n_ctx(chat_model, llmsh_home):
+    one_line_error(run(["generate", "-m", str(chat_model), "--raw", "--n-ctx", "4", "one two three four five"]),
+                   "--n-ctx", "is 4 tokens")
+    one_line_error(run(["generate", "-m", str(chat_model), "--n-ctx", "1000", "hi"]),
+                   "--n-ctx 1000", "256")
+
+
+# --- invalid UTF-8 and --errors ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["tokenize", BAD], ["generate", "-n", "3", BAD],
+                                  ["generate", "-n", "3", "--system", BAD, "hi"], [BAD]])
+def test_argv_that_is_not_utf8_is_one_line(args, chat_model, llmsh_home):
+    one_line_error(run(args[:1] + ["-m", str(chat_model)] + args[1:] if args[0] != BAD
+                       else ["-m", str(chat_model), "-n", "2", BAD]),
+                   "not valid UTF-8", "--errors replace")
+
+
+def test_errors_replace_for_argv_and_stdin(chat_model, llmsh_home):
+    ids = ok(["tokenize", "-m", str(chat_model), "--errors", "replace", BAD]).stdout.split()
+    assert list(map(int, ids)) == hf_tokenizer(chat_model)("caf\ufffd").input_ids
+    a = gen_json(chat_model, "--raw", "-n", "2", "--errors", "replace", BAD)
+    b = gen_json(chat_model, "--raw", "-n", "2", "caf\ufffd")
+    assert a["tokens"] == b["tokens"] and a["prompt_tokens"] == b["prompt_tokens"]
+    c = gen_json(chat_model, "--raw", "-n", "2", "--errors", "replace", input=b"caf\xe9")
+    assert c["tokens"] == b["tokens"]
+    r = ok(["chat", "-m", str(chat_model), "-n", "2", "--no-history", "--errors", "replace"], input=b"caf\xe9")
+    assert r.stdout.strip()
+    one_line_error(run(["chat", "-m", str(chat_model), "--no-history"], input=b"caf\xe9"), "--errors replace")
+
+
+# --- rejected combinations and clearer messages -------------------------------------------------------
+
+@pytest.mark.parametrize("args,fragment", [
+    (["generate", "--stop", "", "hi"], "stop string cannot be empty"),
+    (["tokenize", "--pieces", "--decode", "1 2"], "--decode"),
+    (["tokenize", "--count", "--decode", "1 2"], "--decode"),
+    (["ppl", "--each-line", "--stride", "4"], "--each-line"),
+    (["ppl", "--each-line", "--all-tokens"], "--each-line"),
+    (["ppl", "--n-ctx", "3"], "x>=4"),
+    (["generate", "--stop"], "requires an argument"),
+])
+def test_conflicting_or_bad_options_are_usage_errors(args, fragment, chat_model, llmsh_home):
+    r = run(args[:1] + ["-m", str(chat_model)] + args[1:], input="some text\n")
+    line = one_line_error(r, fragment, code=2)
+    assert f"'llmsh {args[0] if args[0] != 'ppl' else 'ppl'} --help'" in line or "--help" in line
+
+
+def test_per_token_path_checked_before_the_model_loads(tmp_path, llmsh_home, monkeypatch):
+    monkeypatch.setattr("llmsh.cli_score.load", lambda *a: pytest.fail("loaded the model first"))
+    one_line_error(run(["ppl", "--per-token", str(tmp_path / "nonexist" / "x.jsonl")], input="text\n"),
+                   "cannot write", "nonexist")
+
+
+def test_one_scored_token_has_no_stderr(chat_model, llmsh_home):
+    tok = hf_tokenizer(chat_model)
+    line = next(w for w in ("ab", "a b", "hello", "x y") if len(tok(w).input_ids) == 2)
+    r = ok(["ppl", "-m", str(chat_model), "--each-line"], input=line + "\n")
+    assert "1 tokens scored" in r.stdout and "± n/a," in r.stdout and " nan" not in r.stdout
+    assert json.loads(ok(["ppl", "-m", str(chat_model), "--each-line", "--json"], input=line).stdout)["stderr"] is None
+
+
+def test_help_and_behaviour_of_ppl_n_ctx_agree(chat_model, llmsh_home):
+    r = ok(["ppl", "--help"])
+    assert "capped at the model's context" not in r.stdout and "error" in r.stdout
+    one_line_error(run(["ppl", "-m", str(chat_model), "--n-ctx", "1024"], input="x " * 3000), "256")
+
+
+def test_json_tokens_include_the_stop_string_ids(chat_model, llmsh_home):
+    tok = hf_tokenizer(chat_model)
+    ref = gen_json(chat_model, "--raw", "-n", "12", "Hello, how")
+    full = ref["tokens"]
+    # A stop string that token k completes: its text, appearing first when token k is added.
+    for k in range(2, len(full) + 1):
+        before, upto = tok.decode(full[: k - 1]), tok.decode(full[:k])
+        stop = upto[len(before):]
+        if upto.startswith(before) and stop.strip() and "\ufffd" not in stop and stop not in before:
+            break
+    else:
+        pytest.skip("no clean token boundary in this greedy output")
+    out = gen_json(chat_model, "--raw", "-n", "12", "--stop", stop, "Hello, how")
+    assert out["finish_reason"] == "stop" and out["text"] == ref["text"][: ref["text"].index(stop)]
+    # tokens: every id generated, through the one that completed the stop string.
+    assert out["tokens"] == full[:k] and out["completion_tokens"] == k
+    assert "completed a --stop string" in " ".join(ok(["generate", "--help"]).stdout.split())
+
+
+def test_alternate_colors_skip_empty_pieces(monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+
+    class Tty:
+        def isatty(self):
+            return True
+    shown = output.alternate_colors(["a", "", "b", "c"], Tty())
+    assert shown == "\x1b[30;46ma\x1b[0m\x1b[30;43mb\x1b[0m\x1b[30;46mc\x1b[0m"
+
+
+def test_stats_line_is_shared_with_chat_format():
+    from types import SimpleNamespace
+
+    st = SimpleNamespace(generated_tokens=5, decode_steps=4, decode_tokens_per_s=20.0, ttft_seconds=0.1,
+                         reused_tokens=3, prompt_tokens=10, prefill_seconds=0.2, prefill_tokens_per_s=35.0,
+                         decode_seconds=0.2, finish_reason="stop")
+    line = output.stats_line(st, context_used=14, n_ctx=2048)
+    assert line.startswith("5 tokens, 20.0 tokens/s, TTFT 0.10 s, context 14/2048, reused 3/10 prompt tokens")
+    assert line.endswith("finish: stop")
+
+
+# --- convert and the man page --------------------------------------------------------------------------
+
+def test_convert_into_an_existing_empty_folder(tmp_path, llmsh_home, monkeypatch):
+    calls = []
+    monkeypatch.setattr("llmsh.convert.convert_gguf",
+                        lambda g, out, **kw: calls.append((out, kw)) or out)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ok(["convert", str(gguf), str(empty)])
+    assert calls and calls[0][1]["overwrite"] is False and not empty.exists()  # convert makes it
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    one_line_error(run(["convert", str(gguf), str(full)]), "not empty", "--force")
+    ok(["convert", str(gguf), str(full), "--force"])
+
+
+def test_chat_help_lists_the_repl_slash_commands():
+    from llmsh.repl import COMMANDS
+
+    text = ok(["chat", "--help"]).stdout
+    for name in COMMANDS:
+        assert re.search(rf"^ +{re.escape(name)} ", text, re.M), name
+    with open(os.path.join(os.path.dirname(__file__), "..", "man", "llmsh.1"), encoding="utf-8") as f:
+        page = f.read()
+    assert "/regen" in page and "/read FILE" in page
