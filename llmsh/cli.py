@@ -21,8 +21,8 @@ import sys
 import click
 
 from . import __version__, output
-from .cli_common import (CONTEXT_SETTINGS, arg_text, errors_option, load, model_options, read_prompt,
-                         sampling_options, sampling_params, stop_option)
+from .cli_common import (CONTEXT_SETTINGS, arg_text, encode_chat, errors_option, load, model_options,
+                         read_prompt, sampling_options, sampling_params, stop_option, timings)
 from .errors import InputError, LlmshError
 
 # Commands that live in their own modules, imported only when used (or listed by --help).
@@ -263,29 +263,6 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
             out.finish()
     if stats:
         output.notice(output.stats_line(st, context_used=cache.offset, n_ctx=n_ctx))
-
-
-def timings(st) -> dict:
-    """The timing fields of ``--json`` output (seconds; tokens per second)."""
-    return {
-        "ttft_s": round(st.ttft_seconds, 6),
-        "prefill_s": round(st.prefill_seconds, 6),
-        "decode_s": round(st.decode_seconds, 6),
-        "total_s": round(st.prefill_seconds + st.decode_seconds, 6),
-        "prefill_tokens_per_s": round(st.prefill_tokens_per_s, 3),
-        "decode_tokens_per_s": round(st.decode_tokens_per_s, 3),
-    }
-
-
-def encode_chat(lm, messages: list[dict]) -> list[int]:
-    """Token ids of ``messages`` through the model's chat template (or the fallback, with a
-    notice), ready for generation: markup special tokens parsed, message contents taken literally
-    (so typed ``<|im_end|>`` stays text), exactly as ``llmsh chat`` encodes a conversation."""
-    from .session import Message, encode_messages
-
-    if lm.tokenizer.chat_template is None:
-        output.notice("the model has no chat template; using a plain fallback template")
-    return encode_messages(lm, [Message(m["role"], m["content"]) for m in messages])
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS, short_help="Chat interactively (or answer piped text once).")

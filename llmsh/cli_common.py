@@ -159,3 +159,26 @@ def _strip_one_newline(text: str) -> str:
     if text.endswith("\r\n"):
         return text[:-2]
     return text[:-1] if text.endswith("\n") else text
+
+
+def timings(st) -> dict:
+    """The timing fields of ``--json`` output (seconds; tokens per second)."""
+    return {
+        "ttft_s": round(st.ttft_seconds, 6),
+        "prefill_s": round(st.prefill_seconds, 6),
+        "decode_s": round(st.decode_seconds, 6),
+        "total_s": round(st.prefill_seconds + st.decode_seconds, 6),
+        "prefill_tokens_per_s": round(st.prefill_tokens_per_s, 3),
+        "decode_tokens_per_s": round(st.decode_tokens_per_s, 3),
+    }
+
+
+def encode_chat(lm, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` through the model's chat template (or the fallback, with a
+    notice), ready for generation: markup special tokens parsed, message contents taken literally
+    (so typed ``<|im_end|>`` stays text), exactly as ``llmsh chat`` encodes a conversation."""
+    from .session import Message, encode_messages
+
+    if lm.tokenizer.chat_template is None:
+        output.notice("the model has no chat template; using a plain fallback template")
+    return encode_messages(lm, [Message(m["role"], m["content"]) for m in messages])
