@@ -105,21 +105,19 @@ class _Printer:
 
 
 def context_text(session: ChatSession) -> str:
-    """``context USED/N_CTX`` as ``/show`` and the statistics line both print it: USED is
-    :attr:`ChatSession.context_used` (the conversation's tokens, including the last reply)."""
+    """``context USED/N_CTX`` for ``/show``: USED is :attr:`ChatSession.context_used` (the
+    conversation's tokens, including the last reply), the number the statistics line shows too."""
     return f"context {session.context_used}/{session.n_ctx}"
 
 
 def stats_line(session: ChatSession) -> str:
-    """One line: tokens, tokens/s, time to first token, context used / n_ctx, reused prompt tokens."""
-    s = session.last_stats
-    if s is None:
+    """The ``--stats`` line after a reply, in :func:`llmsh.output.stats_line`'s format (shared with
+    ``generate --stats``); its context figure is :attr:`ChatSession.context_used`, as in ``/show``."""
+    from .output import stats_line as format_stats
+
+    if session.last_stats is None:
         return "no reply yet"
-    rate = f"{s.decode_tokens_per_s:.1f} tokens/s" if s.decode_steps else "- tokens/s"
-    return (f"{s.generated_tokens} tokens, {rate}, TTFT {s.ttft_seconds:.2f} s, "
-            f"{context_text(session)}, "
-            f"reused {s.reused_tokens}/{s.prompt_tokens} prompt tokens, "
-            f"finish: {s.finish_reason}")
+    return format_stats(session.last_stats, context_used=session.context_used, n_ctx=session.n_ctx)
 
 
 def _stream(session: ChatSession, reply, p: _Printer, show_stats: bool, *, interactive: bool = True) -> None:
