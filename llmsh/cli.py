@@ -21,8 +21,9 @@ import sys
 import click
 
 from . import __version__, output
-from .cli_common import (CONTEXT_SETTINGS, arg_text, encode_chat, errors_option, load, model_options,
-                         read_prompt, sampling_options, sampling_params, stop_option, timings)
+from .cli_common import (CONTEXT_SETTINGS, arg_text, compile_option, encode_chat, errors_option, load,
+                         model_options, quantize_option, read_prompt, sampling_options, sampling_params,
+                         setup_decoding, stop_option, timings)
 from .errors import InputError, LlmshError
 
 # Commands that live in their own modules, imported only when used (or listed by --help).
@@ -197,8 +198,10 @@ def _write_json(obj) -> None:
                    "the ids generated, including those that completed a --stop string cut from text; "
                    "an end-of-sequence token is not included.")
 @errors_option
+@quantize_option
+@compile_option
 def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx, temperature, top_k,
-             top_p, min_p, repetition_penalty, seed, stop, stats, as_json, errors):
+             top_p, min_p, repetition_penalty, seed, stop, stats, as_json, errors, quantize, compile_):
     """Generate one reply to PROMPT and stream it to stdout.
 
     The prompt is the arguments joined by spaces. When stdin is not a terminal, its content comes
@@ -222,7 +225,7 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
     from .generate import GenerationStats, generate_text
     from .session import DEFAULT_N_CTX_CAP
 
-    lm = load(model, device, dtype)
+    lm = load(model, device, dtype, quantize)
     tok = lm.tokenizer
     if n_ctx is None:
         n_ctx = min(lm.n_ctx_max, DEFAULT_N_CTX_CAP)
@@ -246,6 +249,7 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
                              min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     # Only as much cache as this run can use; a full cache ends generation with "length".
     cache = KVCache.for_model(lm.config, min(n_ctx, len(ids) + max_tokens), dtype=lm.dtype, device=lm.device)
+    setup_decoding(lm, min(max_tokens, cache.max_seq_len - len(ids)), compile_)
     st = GenerationStats()
     pieces = generate_text(lm.decoder, tok, ids, cache, params, max_new_tokens=max_tokens,
                            stop_strings=list(stop), eos_ids=lm.eos_ids, stats=st)
@@ -277,8 +281,10 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
                                             "first token and context use.")
 @click.option("--no-history", is_flag=True, help="Do not read or write the input history file.")
 @errors_option
+@quantize_option
+@compile_option
 def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, top_p, min_p,
-         repetition_penalty, seed, stats, no_history, errors):
+         repetition_penalty, seed, stats, no_history, errors, quantize, compile_):
     """Chat with a model in the terminal (type /help for commands, Ctrl-D to quit).
 
     The conversation's KV cache is kept across turns, so each turn only processes the new
@@ -319,9 +325,10 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
         piped = output.read_stdin()
         if not piped.strip():
             raise InputError("empty input on stdin: nothing to send")
-    lm = load(model, device, dtype)
+    lm = load(model, device, dtype, quantize)
     params = sampling_params(lm.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    setup_decoding(lm, max_tokens, compile_)   # automatic: by the per-reply limit (-n)
     return run_chat(lm, params=params, n_ctx=n_ctx, system=system, max_tokens=max_tokens,
                     stats=stats, history=not no_history,
                     stdin=io.StringIO(piped) if piped is not None else None)

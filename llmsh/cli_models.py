@@ -8,7 +8,7 @@ import json
 import click
 
 from . import output
-from .cli_common import CONTEXT_SETTINGS, load, model_options
+from .cli_common import CONTEXT_SETTINGS, load, model_options, quantize_option
 
 
 def _json_line(obj) -> None:
@@ -18,7 +18,8 @@ def _json_line(obj) -> None:
 @click.command(context_settings=CONTEXT_SETTINGS, short_help="Show a model's architecture, size, context and tokens.")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def info(model, device, dtype, as_json):
+@quantize_option
+def info(model, device, dtype, as_json, quantize):
     """Show a model's folder, architecture, size, context, vocabulary and special tokens.
 
     \b
@@ -26,9 +27,9 @@ def info(model, device, dtype, as_json):
       llmsh info
       llmsh info -m ./my-model --json
     """
-    lm = load(model, device, dtype)
+    lm = load(model, device, dtype, quantize)
     cfg, tok = lm.config, lm.tokenizer
-    n_params = sum(p.numel() for p in lm.decoder.parameters())
+    n_params = lm.decoder.num_parameters()
 
     def token(tid):
         return None if tid is None else {"id": tid, "text": tok.id_to_piece(tid)}
@@ -39,6 +40,8 @@ def info(model, device, dtype, as_json):
         "parameters": n_params,
         "dtype": str(lm.dtype).removeprefix("torch."),
         "device": str(lm.device),
+        "quantization": getattr(lm.decoder, "quantization", None) or "none",
+        "fused_projections": bool(lm.decoder.fused),
         "context_length": cfg.max_position_embeddings,
         "vocab_size": cfg.vocab_size,
         "layers": cfg.num_hidden_layers,
@@ -66,6 +69,8 @@ def info(model, device, dtype, as_json):
         ("parameters", f"{output.human_count(n_params)} ({n_params:,})"),
         ("dtype", data["dtype"]),
         ("device", data["device"]),
+        ("quantization", data["quantization"]),
+        ("fused projections", "yes (q/k/v, gate/up)" if data["fused_projections"] else "no"),
         ("context length", f"{cfg.max_position_embeddings} tokens"),
         ("vocabulary", f"{cfg.vocab_size} tokens"),
         ("BOS", show(data["bos_token"]) + (", added by the tokenizer" if tok.add_bos else "")),

@@ -9,7 +9,7 @@ import re
 import click
 
 from . import output
-from .cli_common import CONTEXT_SETTINGS, arg_text, errors_option, load, model_options
+from .cli_common import CONTEXT_SETTINGS, arg_text, errors_option, load, model_options, quantize_option
 from .errors import InputError
 
 # The default protocol scores positions n_ctx/2 .. n_ctx-2 of each window: at least one at 4.
@@ -50,7 +50,9 @@ def _result_line(source, r) -> str:
 @click.option("--per-token", "per_token", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Write every scored token as JSONL (source, position, id, text, logprob) to FILE.")
 @errors_option
-def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line, as_json, per_token, errors):
+@quantize_option
+def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line, as_json, per_token, errors,
+               quantize):
     """Score text: perplexity ± standard error, mean NLL, bits per byte (alias: ppl).
 
     Each FILE (or stdin, or -) is read whole, with one trailing newline removed, and scored with
@@ -81,7 +83,7 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
     texts = [(s if s != "-" else "<stdin>", _strip_one_newline(output.read_file(s, errors=errors)))
              for s in sources]
     per_token_file = _open_output(per_token) if per_token else None  # fail before the model loads
-    lm = load(model, device, dtype)
+    lm = load(model, device, dtype, quantize)
     tok = lm.tokenizer
     if n_ctx > lm.n_ctx_max:
         if click.get_current_context().get_parameter_source("n_ctx").name != "DEFAULT":

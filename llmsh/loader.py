@@ -25,7 +25,8 @@ class LoadedModel:
         decoder: :class:`llmsh.model.Decoder`, in eval mode, on ``device`` in ``dtype``.
         tokenizer: :class:`llmsh.tokenizer.Tokenizer`.
         generation_config: the folder's generation_config.json as a dict (empty if absent).
-        device, dtype: where and how the weights live (torch.device, torch.dtype).
+        device, dtype: where the weights live and the compute (activation, KV cache) dtype
+            (torch.device, torch.dtype); quantized weights are stored in int8/int4.
         load_seconds: wall time of :func:`load_model`, in seconds.
     """
 
@@ -71,6 +72,7 @@ def load_model(
     dtype: str = "auto",
     notice: Callable[[str], None] | None = None,
     auto_pull: bool = True,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Resolve ``model`` and load it.
 
@@ -81,6 +83,8 @@ def load_model(
         dtype: ``auto`` (float32 on CPU, bfloat16 on GPUs), ``float32``, ``bfloat16``, ``float16``.
         notice: called with one-line messages for the user (e.g. "pulling the default model").
         auto_pull: pull a registry model that is not cached yet.
+        quantize: None, ``"int8"`` or ``"int4"``: weight-only quantization while loading (CPU
+            only; see :func:`llmsh.weights.load_decoder`). ``"none"`` is the same as None.
 
     Raises:
         ModelNotFoundError, ConfigError, WeightsError, TokenizerError, ConvertError.
@@ -95,7 +99,8 @@ def load_model(
                              auto_pull=auto_pull, notice=notice)
     config = ModelConfig.from_file(path)
     tokenizer = Tokenizer.from_dir(path)
-    decoder = load_decoder(path, config, device=device, dtype=dtype)
+    decoder = load_decoder(path, config, device=device, dtype=dtype,
+                           quantize=None if quantize in (None, "none") else quantize)
     param = next(decoder.parameters())
     return LoadedModel(
         path=Path(path),
@@ -104,6 +109,6 @@ def load_model(
         tokenizer=tokenizer,
         generation_config=read_generation_config(path),
         device=param.device,
-        dtype=param.dtype,
+        dtype=getattr(decoder, "compute_dtype", param.dtype),   # quantized weights are int8/uint8
         load_seconds=time.perf_counter() - t0,
     )

@@ -329,6 +329,22 @@ class Decoder(nn.Module):
             layer.mlp.fuse()
         return self
 
+    def num_parameters(self) -> int:
+        """Number of model weights (tied ones once), whether stored as float parameters or as
+        quantized buffers (int4: two per byte); quantization scales and RoPE tables excluded."""
+        seen, n = set(), 0
+        for m in self.modules():
+            tensors = list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+            for name, t in tensors:
+                if t is None or name in ("scales", "scales_and_zeros") or name.startswith("rope_"):
+                    continue
+                key = (t.device, t.data_ptr()) if t.device.type != "meta" else id(t)
+                if key in seen:
+                    continue
+                seen.add(key)
+                n += t.numel() * (2 if getattr(m, "group_size", None) and name == "weight" else 1)
+        return n
+
     def new_cache(self, max_seq_len: int, batch_size: int = 1) -> KVCache:
         """A KV cache on this decoder's device and dtype (RoPE tables grown to fit it)."""
         p = self.lm_head.weight

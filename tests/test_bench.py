@@ -13,6 +13,7 @@ import torch
 from llmsh import compiled
 from llmsh.config import ModelConfig
 from llmsh.weights import load_decoder
+from cli_fixtures import bos_model, llmsh_home  # noqa: F401  (fixtures)
 from tiny_models import make_tiny_model, random_tokens
 
 
@@ -107,3 +108,83 @@ def test_bench_command_json(tmp_path):
     r = json.loads(res.output)
     assert r["quantization"] == "int8" and r["dtype"] == "bfloat16" and r["decode_tok_s"]["median"] > 0
     assert {"prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "decode_gb_s"} <= set(r)
+
+
+# --- the performance options on the model commands (generate, chat, perplexity, info) -----------
+
+@pytest.fixture(scope="module")
+def hf_bos_model(bos_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(bos_model, attn_implementation="eager").eval()
+
+
+def _cli(args, input=None):
+    from click.testing import CliRunner
+
+    from llmsh.cli import cli
+
+    res = CliRunner().invoke(cli, args, input=input)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    assert res.exit_code == 0, (res.exit_code, res.stdout, res.stderr)
+    return res
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_generate_and_perplexity_quantized(bos_model, hf_bos_model, tmp_path, llmsh_home, quantize):
+    from cli_fixtures import LONG_TEXT, hf_tokenizer
+    from test_cli import hf_llamacpp_ppl
+
+    args = ["-m", str(bos_model), "--quantize", quantize]
+    out = json.loads(_cli(["generate", *args, "--raw", "-n", "6", "--json", "Hello world"]).stdout)
+    vocab = hf_bos_model.config.vocab_size
+    assert out["completion_tokens"] == len(out["tokens"]) and 1 <= len(out["tokens"]) <= 6
+    assert all(0 <= t < vocab for t in out["tokens"]) and isinstance(out["text"], str)
+    # Quantization perturbs the logits a little: perplexity stays close to transformers' float32.
+    f = tmp_path / "long.txt"
+    f.write_text(LONG_TEXT + "\n", encoding="utf-8")
+    ids = hf_tokenizer(bos_model)(LONG_TEXT).input_ids
+    want, n = hf_llamacpp_ppl(hf_bos_model, ids, 32, bos_id=0)
+    got = json.loads(_cli(["perplexity", *args, "--n-ctx", "32", "--json", str(f)]).stdout)
+    assert got["n_tokens"] == n
+    assert abs(got["perplexity"] / want - 1) < (0.02 if quantize == "int8" else 0.1), (got, want)
+    assert got["perplexity"] != pytest.approx(want, rel=1e-6)     # it did quantize
+
+
+def test_info_shows_quantization_and_fusion(bos_model, hf_bos_model, llmsh_home):
+    n_hf = hf_bos_model.num_parameters()
+    for q in ("none", "int8", "int4"):
+        data = json.loads(_cli(["info", "-m", str(bos_model), "--quantize", q, "--json"]).stdout)
+        assert data["quantization"] == q and data["fused_projections"] is True
+        assert data["parameters"] == n_hf
+    text = _cli(["info", "-m", str(bos_model), "--quantize", "int8"]).stdout
+    assert "quantization:" in text and "int8" in text and "fused projections: yes" in text
+
+
+def test_generate_compile_option(bos_model, llmsh_home, monkeypatch):
+    real = compiled.compile_step
+    calls = []
+
+    def eager_backend(decoder, **kw):       # Dynamo's graph without inductor's C++ build
+        calls.append(kw)
+        return real(decoder, backend="eager", full_length=False)
+
+    monkeypatch.setattr(compiled, "compile_step", eager_backend)
+    base = ["generate", "-m", str(bos_model), "--raw", "-n", "8", "--json", "Hello world"]
+    # The eager decoder is checked against transformers in test_model / test_cli.
+    want = json.loads(_cli(base + ["--no-compile"]).stdout)["tokens"]
+    assert not calls
+    res = _cli(base + ["--compile"])
+    assert calls and "compiled the decode step" in res.stderr
+    assert json.loads(res.stdout)["tokens"] == want
+    calls.clear()
+    assert json.loads(_cli(base).stdout)["tokens"] == want     # default: automatic, eager for -n 8
+    assert not calls
+    # chat takes the options too (one piped message, answered once).
+    res = _cli(["chat", "-m", str(bos_model), "-n", "4", "--no-history", "--compile"], input="Hi\n")
+    assert calls and res.stdout.strip()
+    calls.clear()
+    res = _cli(["chat", "-m", str(bos_model), "-n", "4", "--no-history", "--quantize", "int8",
+                "--compile"], input="Hi\n")
+    assert not calls and "not compiling: quantized" in res.stderr and res.stdout.strip()
