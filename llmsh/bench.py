@@ -108,7 +108,7 @@ def run_bench(model, prompt_tokens: int = 512, new_tokens: int = 128, repetition
         "prefill_tok_s": _stats(pre), "decode_tok_s": _stats(dec_s), "ttft_s": _stats(ttft),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "bytes_per_token": bpt,
-        "decode_gb_s": round(bpt * statistics.median(dec_s) / 1e9, 2),
+        "decode_gb_s": float(f"{bpt * statistics.median(dec_s) / 1e9:.3g}"),
         "compile": info.get("compiled", False), "compile_s": round(info.get("compile_s", 0.0), 2),
         "device": str(p.device), "dtype": str(getattr(dec, "compute_dtype", p.dtype)).replace("torch.", ""),
         "quantization": getattr(dec, "quantization", None) or "none",
