@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 
 from .errors import InputError, TokenizerError
+from .stream_decoder import StreamDecoder
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -54,81 +55,6 @@ def _as_list(v) -> list[int]:
     if v is None:
         return []
     return [int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
-
-
-class StreamDecoder:
-    """Incremental detokenizer: ``"".join(step(i) for i in ids) + flush() == decode(ids)``.
-
-    Prefix-diff over a sliding window (as vLLM's ``detokenize_incrementally`` and
-    ``tokenizers.decoders.DecodeStream`` do): decode ``ids[prefix:]``, emit what extends the
-    decode of ``ids[prefix:read]`` once it does not end in an incomplete character (U+FFFD).
-    Both decodes start at the same token, so a stripped leading space cancels out. Cost per
-    token is one decode of a few-token window, not of the whole sequence.
-
-    A sequence cut inside a character ends in U+FFFD after ``flush()``. With a tokenizer.json
-    byte-fallback decoder, whose full decode replaces every byte of an invalid ``<0xNN>`` run,
-    complete characters of that last run that were already streamed stay as they were.
-    """
-
-    def __init__(self, decode, skip_special: bool = False):
-        self._decode = lambda ids: decode(ids, skip_special=skip_special)
-        self._ids: list[int] = []  # window: ids of the last emitted chunk, then pending ids
-        self._done = 0  # how many ids at the window's start belong to the last emitted chunk
-        self._done_text = ""  # decode(self._ids[:self._done])
-
-    def step(self, token_id: int) -> str:
-        """Add one token id; return the text newly complete ("" while a character is pending)."""
-        self._ids.append(int(token_id))
-        text = self._decode(self._ids)
-        if len(text) <= len(self._done_text) or text.endswith("\ufffd"):
-            return ""
-        out = text[len(self._done_text):]
-        # slide: the ids just emitted become the next window's prefix
-        self._ids = self._ids[self._done:]
-        self._done = len(self._ids)
-        self._done_text = self._decode(self._ids)
-        return out
-
-    def flush(self) -> str:
-        """Return whatever is still pending (possibly U+FFFD for a truncated character) and reset."""
-        out = self._decode(self._ids)[len(self._done_text):]
-        self._ids, self._done, self._done_text = [], 0, ""
-        return out
-
-
-class _DecodeStreamAdapter(StreamDecoder):
-    """``tokenizers.decoders.DecodeStream`` behind the StreamDecoder interface (exact for tokenizer.json)."""
-
-    def __init__(self, tk, skip_special: bool, check=None):
-        from tokenizers.decoders import DecodeStream
-
-        self._tk = tk
-        self._skip = skip_special
-        self._check = check
-        self._ds = DecodeStream(skip_special_tokens=skip_special)
-        self._last: list[int] = []  # ids behind the last emitted chunk: context for flush()
-        self._pending: list[int] = []
-
-    def step(self, token_id: int) -> str:
-        if self._check is not None:
-            self._check(int(token_id))
-        self._pending.append(int(token_id))
-        out = self._ds.step(self._tk, int(token_id))
-        if out is None:
-            return ""
-        self._last, self._pending = self._pending, []
-        return out
-
-    def flush(self) -> str:
-        # DecodeStream holds an incomplete character back forever; the full decode shows it as
-        # U+FFFD. Diff against the last chunk's ids so a decoder's leading-space strip cancels out.
-        out = ""
-        if self._pending:
-            dec = lambda ids: self._tk.decode(ids, skip_special_tokens=self._skip)  # noqa: E731
-            base = dec(self._last)
-            out = dec(self._last + self._pending)[len(base):]
-        self.__init__(self._tk, self._skip, self._check)
-        return out
 
 
 class Tokenizer:
@@ -167,6 +93,9 @@ class Tokenizer:
         smap = _read_json(d / "special_tokens_map.json")
         gconf = _read_json(d / "generation_config.json")
         mconf = _read_json(d / "config.json")
+        # imported here: the back ends subclass Tokenizer, so they import this module
+        from .tokenizer_backends import _JsonTokenizer, _SentencePieceTokenizer
+
         if (d / "tokenizer.json").is_file():
             tok = _JsonTokenizer(d / "tokenizer.json", tconf)
         elif (d / "tokenizer.model").is_file():
@@ -253,10 +182,7 @@ class Tokenizer:
 
     def stream_decoder(self, *, skip_special: bool = False) -> StreamDecoder:
         """A fresh :class:`StreamDecoder` whose joined output equals ``decode(ids, skip_special=...)``."""
-        return StreamDecoder(self._decode_checked, skip_special)
-
-    def _decode_checked(self, ids, skip_special=False):
-        return self.decode(ids, skip_special=skip_special)
+        return StreamDecoder(self.decode, skip_special)
 
     def _check_id(self, i: int) -> None:
         if not 0 <= i < self.vocab_size:
@@ -317,158 +243,3 @@ def split_on_tokens(text: str, tokens: dict[str, tuple[int, bool, bool]]):
         chunk = chunk.lstrip()
     if chunk:
         yield chunk
-
-
-class _JsonTokenizer(Tokenizer):
-    """tokenizer.json through the ``tokenizers`` library, the engine transformers itself uses."""
-
-    def __init__(self, path: Path, tconf: dict, tk=None):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        if tk is None:
-            try:
-                tk = HFTokenizer.from_file(str(path))
-            except Exception as e:  # the Rust error type is not exported; any failure means unusable
-                raise TokenizerError(f"cannot load {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        self._tk = tk
-        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
-
-    @classmethod
-    def from_gpt2_files(cls, vocab: Path, merges: Path, tconf: dict) -> "_JsonTokenizer":
-        """A GPT-2 style folder with only vocab.json + merges.txt: byte-level BPE as GPT2Tokenizer builds it."""
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers
-
-        try:
-            tk = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
-        except Exception as e:
-            raise TokenizerError(f"cannot load {vocab} / {merges}: {e}") from None
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(tconf.get("add_prefix_space", False)))
-        tk.decoder = decoders.ByteLevel()
-        return cls(vocab, tconf, tk)
-
-    def _register_specials(self, contents):
-        # transformers registers bos/eos/unk/pad/additional tokens as special added tokens even
-        # when tokenizer.json lists them only in the model vocabulary
-        from tokenizers import AddedToken
-
-        added = {t.content for t in self._tk.get_added_tokens_decoder().values()}
-        new = [AddedToken(c, special=True, normalized=False) for c in dict.fromkeys(contents)
-               if c not in added and self._tk.token_to_id(c) is not None]
-        if new:
-            self._tk.add_special_tokens(new)
-            self.vocab_size = self._tk.get_vocab_size(with_added_tokens=True)
-
-    def _default_add_bos(self) -> bool:
-        # Whether the post-processor (e.g. Llama's TemplateProcessing "<s> $A") prepends BOS
-        with_special = self._tk.encode("a", add_special_tokens=True).ids
-        plain = self._tk.encode("a", add_special_tokens=False).ids
-        if len(with_special) <= len(plain) or with_special[: len(plain)] == plain:
-            return False
-        if self.bos_token_id is None:
-            self.bos_token_id = with_special[0]
-            self.bos_token = self._piece(with_special[0])
-        return with_special[0] == self.bos_token_id
-
-    def token_to_id(self, token):
-        return self._tk.token_to_id(token)
-
-    def _encode(self, text, parse_special):
-        # encode_special_tokens=True makes the added-vocabulary pass skip special tokens, so they
-        # are tokenized as ordinary text (llama.cpp parse_special=false; transformers split_special_tokens)
-        self._tk.encode_special_tokens = not parse_special
-        return self._tk.encode(text, add_special_tokens=False).ids
-
-    def _decode(self, ids, skip_special):
-        return self._tk.decode(ids, skip_special_tokens=skip_special)
-
-    def _piece(self, i):
-        return self._tk.id_to_token(i) or ""
-
-    def stream_decoder(self, *, skip_special: bool = False) -> StreamDecoder:
-        return _DecodeStreamAdapter(self._tk, skip_special, self._check_id)
-
-
-class _SentencePieceTokenizer(Tokenizer):
-    """tokenizer.model through sentencepiece, plus tokenizer_config's added tokens (see module doc)."""
-
-    def __init__(self, path: Path, tconf: dict):
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor()
-        try:
-            sp.Load(str(path))
-        except Exception as e:
-            raise TokenizerError(f"cannot load {path}: {str(e).splitlines()[0] if str(e) else 'corrupt file'}") from None
-        self._sp = sp
-        self._n = n = sp.get_piece_size()
-        self._dummy_prefix = sp.encode("a", out_type=str)[:1] != [] and sp.encode("a", out_type=str)[0].startswith("▁")
-        # id -> (content, special, lstrip, rstrip)
-        self._added: dict[int, tuple[str, bool, bool, bool]] = {}
-        for k, v in (tconf.get("added_tokens_decoder") or {}).items():
-            c = _content(v)
-            if c is not None and str(k).isdigit():
-                v = v if isinstance(v, dict) else {}
-                self._added[int(k)] = (c, bool(v.get("special", True)), bool(v.get("lstrip")), bool(v.get("rstrip")))
-        self.vocab_size = max([n, *(i + 1 for i in self._added)])
-        self._special = {i for i in range(n) if sp.IsControl(i) or sp.IsUnknown(i)}
-        self._special |= {i for i, a in self._added.items() if a[1]}
-        self._bytes: dict[int, bytes] = {}
-
-    def _default_specials(self):
-        sp = self._sp
-        pairs = (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id()))
-        return {k: sp.id_to_piece(i) for k, i in pairs if i >= 0}
-
-    def _default_add_bos(self):
-        return True  # LlamaTokenizer's default, and llama.cpp's for SPM vocabularies
-
-    def _register_specials(self, contents):
-        for c in contents:
-            i = self.token_to_id(c)
-            if i is not None and i not in self._added:
-                self._added[i] = (c, True, False, False)
-                self._special.add(i)
-
-    def token_to_id(self, token):
-        for i, a in self._added.items():
-            if a[0] == token:
-                return i
-        i = self._sp.piece_to_id(token)
-        return i if i < self._n and self._sp.id_to_piece(i) == token else None
-
-    def _encode(self, text, parse_special):
-        # Added tokens the sentencepiece model lacks always match (as non-special added tokens do
-        # in transformers and llama.cpp); special ones only when parsing markup.
-        match = {a[0]: (i, a[2], a[3]) for i, a in self._added.items()
-                 if (a[1] and parse_special) or (not a[1] and i >= self._n)}
-        ids: list[int] = []
-        for part in split_on_tokens(text, match):
-            if isinstance(part, int):
-                ids.append(part)
-            else:
-                ids += self._sp.encode(part)
-        return ids
-
-    def _token_bytes(self, i: int) -> bytes:
-        b = self._bytes.get(i)
-        if b is None:
-            if i in self._added:
-                b = self._added[i][0].encode("utf-8")
-            elif self._sp.IsByte(i):
-                b = bytes([int(self._sp.id_to_piece(i)[3:5], 16)])
-            else:
-                b = self._sp.id_to_piece(i).replace("▁", " ").encode("utf-8")
-            self._bytes[i] = b
-        return b
-
-    def _decode(self, ids, skip_special):
-        data = b"".join(self._token_bytes(i) for i in ids if not (skip_special and i in self._special))
-        text = data.decode("utf-8", errors="replace")
-        # transformers' Llama decoder ends with Strip(" ", left=1): the dummy prefix's space goes
-        if self._dummy_prefix and text.startswith(" "):
-            text = text[1:]
-        return text
-
-    def _piece(self, i):
-        return self._added[i][0] if i in self._added else self._sp.id_to_piece(i)
