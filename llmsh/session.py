@@ -6,45 +6,25 @@ prefills only the rest: the prompt-cache reuse of llama.cpp's server and mlx-lm'
 ``cache_prompt``. Generated reply ids are kept and re-used verbatim when the conversation is
 re-encoded, so a follow-up turn normally re-uses everything up to the end of the last reply.
 
-Special tokens: template markup is encoded with ``parse_special=True``, message contents with
-``parse_special=False``, so a user typing ``<|im_end|>`` sends those characters, not the control
-token. The template is rendered once with placeholder contents to tell markup from content.
+How messages become token ids (markup vs. literal contents) is :mod:`llmsh.messages`; the
+saved-conversation file format is :mod:`llmsh.conversation_io`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import stat
-import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .conversation_io import SAVE_FORMAT, is_saved_conversation, read_conversation, write_conversation
 from .errors import InputError, TemplateError
+from .messages import Message, encode_messages
+
+# Re-exported: callers import these from here (cli_common, tests).
+__all__ = ["ChatSession", "Message", "encode_messages", "common_prefix", "is_saved_conversation",
+           "SAVE_FORMAT", "DEFAULT_N_CTX_CAP"]
 
 DEFAULT_N_CTX_CAP = 8192  # default context when the model allows more: caps KV-cache memory
-SAVE_FORMAT = "llmsh-chat"
-_MAX_SAVED_BYTES = 64 << 20
-_MARK = re.compile("\ue000LLMSH([0-9]+)\ue001")  # private-use code points never typed in practice
-
-
-@dataclass
-class Message:
-    """One message. ``ids``: an assistant reply's generated token ids (not saved);
-    ``interrupted``: the reply was stopped by Ctrl-C and is partial."""
-
-    role: str
-    content: str
-    interrupted: bool = False
-    ids: list[int] | None = field(default=None, repr=False, compare=False)
-
-    def to_dict(self) -> dict:
-        d = {"role": self.role, "content": self.content}
-        if self.interrupted:
-            d["interrupted"] = True
-        return d
 
 
 def common_prefix(a, b) -> int:
@@ -287,37 +267,12 @@ class ChatSession:
                 "system": self.system, "messages": [m.to_dict() for m in self.messages]}
 
     def save(self, path, *, force: bool = False) -> Path:
-        """Write the conversation as JSON to ``path`` atomically (temp file + os.replace).
-
-        A new file is created with mode 0600 (a conversation can be private, like the prompt
-        history); overwriting a file keeps that file's mode. An existing file that is not a saved
-        llmsh conversation is only overwritten with ``force``.
+        """Write the conversation to ``path``: see :func:`llmsh.conversation_io.write_conversation`
+        (atomic; a new file is private; a foreign file is only replaced with ``force``).
 
         Raises InputError when the file cannot be written, or exists, is not a saved
         conversation and ``force`` is false."""
-        path = Path(path).expanduser()
-        data = json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n"
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            mode = None
-        if mode is not None and not force and not is_saved_conversation(path):
-            raise InputError(f"{path} exists and is not a saved llmsh conversation: not overwritten")
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(data)
-                    f.flush()
-                    if mode is not None:
-                        os.fchmod(f.fileno(), stat.S_IMODE(mode))
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-        except OSError as e:
-            raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+        path = write_conversation(path, self.to_dict(), force=force)
         self._saved = self._snapshot()
         return path
 
@@ -334,92 +289,5 @@ class ChatSession:
         """Replace the conversation (system message and messages) with one saved by :meth:`save`.
 
         Raises InputError when the file is missing, not JSON, or not a saved conversation."""
-        path = Path(path).expanduser()
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise InputError(f"cannot read {path}: {e.strerror or e}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{path}: not a JSON file ({e})") from None
-        if not _check_saved(data):
-            raise InputError(f"{path}: not a saved llmsh conversation")
-        self.system = data.get("system") or None
-        self.messages = [Message(m["role"], m["content"], bool(m.get("interrupted")))
-                         for m in data["messages"]]
+        self.system, self.messages = read_conversation(path)
         self._saved = self._snapshot()
-
-
-def _check_saved(data) -> bool:
-    msgs = data.get("messages") if isinstance(data, dict) else None
-    return isinstance(msgs, list) and all(
-        isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
-        for m in msgs) and isinstance(data.get("system"), (str, type(None)))
-
-
-def is_saved_conversation(path) -> bool:
-    """Whether ``path`` holds a conversation written by :meth:`ChatSession.save` (a JSON object
-    with ``"format": "llmsh-chat"`` and well-formed messages). Never raises."""
-    try:
-        with open(Path(path).expanduser(), "rb") as f:
-            # A conversation fits in a context, so a big file (a disk image, a model) is not one:
-            # no need to read it all to say so.
-            if os.fstat(f.fileno()).st_size > _MAX_SAVED_BYTES or f.read(1).lstrip()[:1] not in (b"{", b""):
-                return False
-            f.seek(0)
-            data = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("format") == SAVE_FORMAT and _check_saved(data)
-
-
-def _render(model, template: str, messages: list[Message], add_generation_prompt: bool) -> str:
-    from .template import render_chat
-
-    tok = model.tokenizer
-    return render_chat(template, [{"role": m.role, "content": m.content} for m in messages],
-                       add_generation_prompt=add_generation_prompt,
-                       bos_token=tok.bos_token, eos_token=tok.eos_token)
-
-
-def encode_messages(model, messages: list[Message], *, template: str | None = None,
-                    add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of ``messages`` rendered with the chat template (markup specials parsed,
-    contents taken literally; an assistant reply re-uses its generated ids).
-
-    model: a :class:`llmsh.loader.LoadedModel`; template: the Jinja chat template (default: the
-    model's own, else :data:`llmsh.template.FALLBACK_TEMPLATE`).
-
-    Raises TemplateError; InputError when the template rewrites message contents (so markup
-    cannot be told from content) and a content contains special-token text.
-    """
-    tok = model.tokenizer
-    if template is None:
-        from .template import FALLBACK_TEMPLATE
-        template = tok.chat_template or FALLBACK_TEMPLATE
-    text = _render(model, template, messages, add_generation_prompt)
-    marked = [Message(m.role, f"\ue000LLMSH{i}\ue001") for i, m in enumerate(messages)]
-    parts = _MARK.split(_render(model, template, marked, add_generation_prompt))
-    # re.split with a group alternates markup (even) and placeholder numbers (odd).
-    if sorted(int(p) for p in parts[1::2]) == list(range(len(messages))):
-        # Templates print contents as they are, or trimmed (Llama 3's `| trim`).
-        for fix in (None, str.strip):
-            contents = [m.content if fix is None else fix(m.content) for m in messages]
-            if "".join(p if i % 2 == 0 else contents[int(p)] for i, p in enumerate(parts)) != text:
-                continue
-            ids: list[int] = []
-            for i, p in enumerate(parts):
-                if i % 2 == 0:
-                    ids += tok.encode(p, add_bos=False, parse_special=True) if p else []
-                    continue
-                m, content = messages[int(p)], contents[int(p)]
-                if m.ids is not None and content == m.content:
-                    ids += m.ids
-                elif content:
-                    ids += tok.encode(content, add_bos=False, parse_special=False)
-            return ids
-    for m in messages:
-        if tok.encode(m.content, add_bos=False, parse_special=True) != tok.encode(
-                m.content, add_bos=False, parse_special=False):
-            raise InputError("a message contains special-token text, which this model's chat "
-                             "template does not let llmsh keep apart from the markup")
-    return tok.encode(text, add_bos=False, parse_special=True)
