@@ -113,6 +113,14 @@ def _fused_linear(*parts: nn.Linear) -> nn.Linear:
     return fused
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding(num, dim), without the random init when built on the meta device (for
+    loading): normal_ on meta goes through torch._refs, whose import pulls in torch._dynamo
+    (about 1 s of a cold start)."""
+    w = torch.empty(num, dim)
+    return nn.Embedding(num, dim, _weight=w) if w.device.type == "meta" else nn.Embedding(num, dim)
+
+
 # Checkpoint tensors that fuse_projections() concatenates: fused name -> HF names, in row order.
 FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
@@ -211,7 +219,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = _embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(LlamaLayer(c, i) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
@@ -264,8 +272,8 @@ class GPT2Model(nn.Module):
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.wte = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.wpe = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.wte = _embedding(c.vocab_size, c.hidden_size)
+        self.wpe = _embedding(c.max_position_embeddings, c.hidden_size)
         self.h = nn.ModuleList(GPT2Block(c, i) for i in range(c.num_hidden_layers))
         self.ln_f = nn.LayerNorm(c.hidden_size, eps=c.rms_norm_eps)
 

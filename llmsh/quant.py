@@ -42,6 +42,15 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
+def quantize_int8_into(w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> None:
+    """:func:`quantize_int8` of w (N, K) float32 into q (N, K) int8 and scales (N,), with the same
+    results, overwriting w (a scratch block) instead of allocating float temporaries."""
+    s = (torch.linalg.vector_norm(w, float("inf"), dim=1) / 127).clamp_(min=1e-10)
+    w.div_(s[:, None]).round_()      # |w / s| <= 127 by construction: no clamp needed
+    q.copy_(w)
+    scales.copy_(s)
+
+
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The float32 (N, K) weight that (q, scales) stands for (reference for the kernel)."""
     return q.float() * scales.float()[:, None]
@@ -90,7 +99,7 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x.dtype == torch.float32 and x2.shape[0] > SMALL_M:
             # Prefill / scoring: dequantize and use float32 GEMM (far faster than the kernel).
-            y = F.linear(x2, self.weight.to(x.dtype) * self.scales[:, None])
+            y = F.linear(x2, torch.mul(self.weight, self.scales[:, None]))   # one float temporary
         elif x.dtype == torch.float32:
             # Decode: the kernel is fast for bfloat16 inputs only; the vectors are tiny to cast.
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, _lp(self, "scales"))

@@ -2,14 +2,19 @@
 
 A checkpoint is ``model.safetensors``, or shards listed by ``model.safetensors.index.json``
 (``weight_map``: tensor name -> shard file), as written by transformers' ``save_pretrained``.
-Tensors are read one at a time through ``safetensors.safe_open`` (memory-mapped) and cast as
-they are read; the decoder is built on the meta device and the tensors are assigned to it, so
-peak memory is the converted weights plus one tensor.
+safetensors validates each file's header; tensors are then read with ``pread`` straight into
+the tensors the decoder keeps (fused, cast or quantized in blocks), never memory-mapped, so
+peak memory is the converted weights plus one small block. The decoder is built on the meta
+device and the tensors are assigned to it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
+import os
+import struct
 from pathlib import Path
 
 import torch
@@ -104,22 +109,6 @@ def _keys(path: Path) -> set[str]:
         raise WeightsError(f"{path}: corrupt or truncated safetensors file ({_short(e)})") from None
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def _file_dtype_is(path: Path, dtype: torch.dtype) -> bool:
-    """Whether every floating tensor of the safetensors file ``path`` is stored as ``dtype``."""
-    from safetensors import safe_open
-
-    want = _ST_DTYPES.get(dtype)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            kinds = {f.get_slice(k).get_dtype() for k in f.keys()}
-    except Exception as e:
-        raise WeightsError(f"{path}: corrupt or truncated safetensors file ({_short(e)})") from None
-    return all(k == want or not k.startswith(("F", "BF")) for k in kinds)
-
-
 def _short(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
@@ -138,46 +127,98 @@ def _our_name(config: ModelConfig, key: str) -> str | None:
     return key
 
 
-def _iter_tensors(model_dir, config: ModelConfig, convert=None, reopen=False):
-    """Yield (our name, tensor, file) for every kept checkpoint tensor, ``convert``-ed if given.
+_FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                "U8": torch.uint8, "BOOL": torch.bool}
 
-    Tensors come memory-mapped on CPU in the file's dtype. With ``reopen`` the file is opened
-    per tensor: a mapping lives while any tensor from it does, so when tensors are converted
-    (copied) a single handle would keep every page already read resident next to the copies.
+
+class _File:
+    """A safetensors file read with ``pread`` straight into tensors we allocate (no mmap).
+
+    Memory-mapped tensors count in the process's RSS once touched, next to any copy made from
+    them (fusing, quantizing): reading into the destination keeps every weight in memory once
+    and lets a quantized load keep only a small float block at a time. The header was already
+    validated by safetensors in :func:`checkpoint_files`; offsets are checked again here.
     """
-    from safetensors import safe_open
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(self.fd).st_size
+            n = struct.unpack("<Q", os.pread(self.fd, 8, 0))[0]
+            header = json.loads(os.pread(self.fd, n, 8))
+            header.pop("__metadata__", None)
+            self.base, self.info = 8 + n, header
+            for key, h in header.items():
+                dt = _FILE_DTYPES[h["dtype"]]
+                begin, end = h["data_offsets"]
+                numel = math.prod(h["shape"])
+                if end - begin != numel * dt.itemsize or self.base + end > size:
+                    raise ValueError(f"tensor {key!r} lies outside the file")
+        except Exception as e:
+            os.close(self.fd)
+            raise WeightsError(f"{path}: corrupt or truncated safetensors file ({_short(e)})") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.info[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _FILE_DTYPES[self.info[key]["dtype"]]
+
+    def read(self, key: str, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        """Rows r0..r1 of tensor ``key`` (all by default) as a new CPU tensor in the file's dtype."""
+        shape = self.shape(key)
+        if not shape:
+            out = torch.empty((), dtype=self.dtype(key))
+            self._pread(key, out, 0)
+            return out
+        r1 = shape[0] if r1 is None else r1
+        out = torch.empty((r1 - r0, *shape[1:]), dtype=self.dtype(key))
+        self._pread(key, out, r0)
+        return out
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Fill ``out`` (contiguous, CPU, the tensor's shape) with tensor ``key``, casting in
+        blocks of rows (about 8 MB) when the dtypes differ."""
+        if out.dtype == self.dtype(key):
+            return self._pread(key, out, 0)
+        if out.dim() == 0:
+            return out.copy_(self.read(key))
+        step = max(1, (8 << 20) // max(1, out[0].numel() * self.dtype(key).itemsize))
+        for r in range(0, out.shape[0], step):
+            out[r:r + step].copy_(self.read(key, r, min(r + step, out.shape[0])))
+
+    def _pread(self, key: str, out: torch.Tensor, r0: int) -> None:
+        nbytes = out.numel() * out.element_size()
+        if nbytes == 0:
+            return
+        row = out[0].numel() * out.element_size() if out.dim() else 0
+        pos = self.base + self.info[key]["data_offsets"][0] + r0 * row
+        view = memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
+        done = 0
+        while done < nbytes:
+            n = os.preadv(self.fd, [view[done:]], pos + done)
+            if n <= 0:
+                raise WeightsError(f"{self.path}: corrupt or truncated safetensors file "
+                                   f"(tensor {key!r} ends early)")
+            done += n
+
+
+def _open_all(model_dir) -> tuple[dict[str, "_File"], dict["_File", list[str]]]:
     files = checkpoint_files(model_dir)
-    by_file: dict[Path, list[str]] = {}
-    for name, f in files.items():
-        by_file.setdefault(f, []).append(name)
-
-    def read(sf, f, key, ours):
-        try:
-            t = sf.get_tensor(key)
-        except Exception as e:
-            raise WeightsError(f"{f}: cannot read tensor {key!r} ({_short(e)})") from None
-        if config.is_gpt2 and ours.endswith(_CONV1D):
-            t = t.t()
-        return convert(ours, t, f) if convert is not None else t
-
-    for f, names in by_file.items():
-        keys = [(k, _our_name(config, k)) for k in names]
-        keys = [(k, o) for k, o in keys if o is not None]
-        try:
-            if not reopen:
-                with safe_open(str(f), framework="pt") as sf:
-                    for key, ours in keys:
-                        yield ours, read(sf, f, key, ours), f
-            else:
-                for key, ours in keys:
-                    with safe_open(str(f), framework="pt") as sf:
-                        t = read(sf, f, key, ours)
-                    yield ours, t, f
-        except WeightsError:
-            raise
-        except Exception as e:
-            raise WeightsError(f"{f}: corrupt or truncated safetensors file ({_short(e)})") from None
+    opened: dict[Path, _File] = {}
+    try:
+        for f in dict.fromkeys(files.values()):
+            opened[f] = _File(f)
+    except WeightsError:
+        for o in opened.values():
+            o.close()
+        raise
+    return {key: opened[f] for key, f in files.items()}, list(opened.values())
 
 
 def load_state_dict(model_dir, config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -187,38 +228,18 @@ def load_state_dict(model_dir, config: ModelConfig) -> dict[str, torch.Tensor]:
     mask buffers dropped, Conv1D weights transposed to (out, in). A tied ``lm_head.weight`` is
     dropped. Raises WeightsError as :func:`checkpoint_files`.
     """
-    return {name: t for name, t, _ in _iter_tensors(model_dir, config)}
-
-
-def _fuse_stream(stream, config: ModelConfig):
-    """Re-yield (name, tensor, file) from ``stream`` with each layer's q/k/v and gate/up tensors
-    concatenated into ``qkv_proj`` / ``gate_up_proj`` (see :data:`llmsh.model.FUSED`) as soon as
-    a group is complete, so only one layer's parts wait in memory. Incomplete groups are left
-    for the caller's missing-tensor check (they are yielded unfused at the end)."""
-    from .model import FUSED
-
-    parts: dict[str, tuple[str, str, int]] = {}     # HF name -> (fused name, suffix, index)
-    if not config.is_gpt2:
-        for i in range(config.num_hidden_layers):
-            for fused, members in FUSED.items():
-                for j, m in enumerate(members):
-                    for suffix in ("weight", "bias"):
-                        parts[f"model.layers.{i}.{m}.{suffix}"] = (f"model.layers.{i}.{fused}.{suffix}", suffix, j)
-    pending: dict[str, dict[int, tuple[str, torch.Tensor, Path]]] = {}
-    for name, t, f in stream:
-        if name not in parts:
-            yield name, t, f
-            continue
-        fused, _, j = parts[name]
-        group = pending.setdefault(fused, {})
-        group[j] = (name, t, f)
-        n = len(FUSED[fused.split(".", 3)[3].rsplit(".", 1)[0]])
-        if len(group) == n:
-            del pending[fused]
-            yield fused, torch.cat([group[k][1] for k in range(n)]), f
-            del group
-    for group in pending.values():
-        yield from group.values()
+    where, opened = _open_all(model_dir)
+    try:
+        out = {}
+        for key, f in where.items():
+            ours = _our_name(config, key)
+            if ours is not None:
+                t = f.read(key)
+                out[ours] = t.t().contiguous() if config.is_gpt2 and ours.endswith(_CONV1D) else t
+        return out
+    finally:
+        for f in opened:
+            f.close()
 
 
 def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto", fuse: bool = True,
@@ -228,10 +249,11 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
     The decoder is returned in eval mode with ``requires_grad`` off, on ``device`` in ``dtype``
     (floating tensors are cast; see :func:`resolve_device`, :func:`resolve_dtype`). With ``fuse``
     (default) llama-family q/k/v and gate/up projections are concatenated while loading
-    (:meth:`Decoder.fuse_projections`); the checkpoint is still checked against the HF names.
-    ``quantize`` ("int8" / "int4", CPU only): each projection and the embedding are quantized as
-    they are read (:mod:`llmsh.quant`), so peak memory stays near the quantized size; activations
-    stay in ``dtype``.
+    (:meth:`Decoder.fuse_projections`): each part is read from the file straight into its rows
+    of the fused tensor, so nothing is held twice. ``quantize`` ("int8" / "int4", CPU only):
+    each projection and the embedding are quantized as they are read, int8 in blocks of rows
+    (:mod:`llmsh.quant`), so peak memory stays near the quantized size; activations stay in
+    ``dtype``. The whole checkpoint is checked (names, shapes) before anything is read.
 
     Raises:
         WeightsError: missing or unreadable files, a missing or unexpected tensor, a shape that
@@ -239,6 +261,7 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
             the device or mode does not support.
     """
     from . import quant
+    from .model import FUSED
 
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
     dt = resolve_dtype(dtype, dev)
@@ -250,7 +273,7 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
         fuse = True
     with torch.device("meta"):
         decoder = Decoder(config)
-    expected = {k: v.shape for k, v in decoder.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     if fuse:
@@ -259,53 +282,53 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
         quant.swap_modules(decoder, quantize, dt)
     modules = dict(decoder.named_modules())
 
-    def convert(name, t, f):
-        if name not in expected:
-            raise WeightsError(f"{f}: unexpected tensor {name!r} for a {config.model_type} model")
-        if tuple(t.shape) != tuple(expected[name]):
-            raise WeightsError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, "
-                               f"config expects {tuple(expected[name])}")
-        if t.is_floating_point() and quantize is None:
-            t = t.to(device=dev, dtype=dt)
-        return t if t.is_contiguous() else t.contiguous()
-
-    # Without a cast, tensors stay memory-mapped (shared with the page cache, one map per file);
-    # fusing or quantizing copies, so then each tensor gets its own map, dropped once copied.
-    in_place = dev.type == "cpu" and not (fuse and decoder.fused) and quantize is None and all(
-        _file_dtype_is(f, dt) for f in set(checkpoint_files(model_dir).values()))
-    stream = _iter_tensors(model_dir, config, convert, reopen=not in_place)
-    if decoder.fused:
-        stream = _fuse_stream(stream, config)
-    state, seen = {}, set()
-    for name, t, f in stream:
-        seen.add(name)
-        mod_name, _, attr = name.rpartition(".")
-        mod = modules.get(mod_name)
-        if quantize is not None and attr == "weight" and isinstance(
-                mod, (quant.Int8Linear, quant.Int4Linear, quant.Int8Embedding)):
-            for k, v in quant.quantize_tensor(mod, t, dt).items():
-                state[f"{mod_name}.{k}"] = v
-        elif t.is_floating_point() and quantize is not None:
-            state[name] = t.to(dtype=dt)
-        else:
-            state[name] = t
-        del t
-    have = set(state) | seen
-    from .model import FUSED
-
-    def present(k):
-        if k in have:
-            return True
-        for fused, members in FUSED.items():
-            for m in members:
-                if f".{m}." in k and k.replace(m, fused) in have:
-                    return True
-        return False
-
-    missing = [k for k in expected if not present(k)]
-    if missing:
-        raise WeightsError(f"{Path(model_dir)}: tensor {missing[0]!r} missing from the checkpoint"
-                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    where, opened = _open_all(model_dir)
+    try:
+        src: dict[str, tuple[_File, str]] = {}
+        for key, f in where.items():
+            ours = _our_name(config, key)
+            if ours is None:
+                continue
+            if ours not in expected:
+                raise WeightsError(f"{f.path}: unexpected tensor {ours!r} for a {config.model_type} model")
+            shape = f.shape(key)[::-1] if config.is_gpt2 and ours.endswith(_CONV1D) else f.shape(key)
+            if shape != expected[ours]:
+                raise WeightsError(f"{f.path}: tensor {ours!r} has shape {shape}, "
+                                   f"config expects {expected[ours]}")
+            src[ours] = (f, key)
+        missing = [k for k in expected if k not in src]
+        if missing:
+            raise WeightsError(f"{Path(model_dir)}: tensor {missing[0]!r} missing from the checkpoint"
+                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        # Destination tensor -> its checkpoint parts, in row order (one part unless fused).
+        targets: dict[str, list[str]] = {}
+        for name in expected:
+            target, rank = name, 0
+            if decoder.fused:
+                for fused, members in FUSED.items():
+                    for j, m in enumerate(members):
+                        if f".{m}." in name:
+                            target, rank = name.replace(m, fused), j
+            targets.setdefault(target, []).append((rank, name))
+        state = {}
+        for target, parts in targets.items():
+            parts = [src[n] + (n,) for _, n in sorted(parts)]
+            mod_name, _, attr = target.rpartition(".")
+            mod = modules.get(mod_name)
+            if quantize is not None and attr == "weight" and isinstance(mod, (quant.Int8Linear, quant.Int8Embedding)):
+                for k, v in _read_int8(parts, expected, config, dt).items():
+                    state[f"{mod_name}.{k}"] = v
+            elif quantize is not None and attr == "weight" and isinstance(mod, quant.Int4Linear):
+                w = _read(parts, expected, config, torch.float32)
+                for k, v in quant.quantize_tensor(mod, w, dt).items():
+                    state[f"{mod_name}.{k}"] = v
+                del w
+            else:
+                floating = parts[0][0].dtype(parts[0][1]).is_floating_point
+                state[target] = _read(parts, expected, config, dt if floating else None).to(dev)
+    finally:
+        for f in opened:
+            f.close()
     if config.tie_word_embeddings:
         embed = "transformer.wte" if config.is_gpt2 else "model.embed_tokens"
         for k in [k for k in state if k.startswith(embed + ".")]:
@@ -317,3 +340,50 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
     decoder.compute_dtype = dt
     return decoder.eval()
 
+
+def _read(parts, expected, config: ModelConfig, dtype) -> torch.Tensor:
+    """One CPU tensor made of ``parts`` ((file, key, our name), stacked by rows) in ``dtype``
+    (None: the file's)."""
+    rows = sum(expected[n][0] for _, _, n in parts) if expected[parts[0][2]] else None
+    first = parts[0]
+    shape = (rows, *expected[first[2]][1:]) if rows is not None else ()
+    out = torch.empty(shape, dtype=dtype or first[0].dtype(first[1]))
+    r = 0
+    for f, key, name in parts:
+        n = expected[name][0] if shape else None
+        dest = out[r:r + n] if shape else out
+        if config.is_gpt2 and name.endswith(_CONV1D):
+            dest.copy_(f.read(key).t())
+        else:
+            f.read_into(key, dest)
+        r += n or 0
+    return out
+
+
+def _read_int8(parts, expected, config: ModelConfig, dtype) -> dict[str, torch.Tensor]:
+    """int8 rows and per-row scales (as :func:`llmsh.quant.quantize_int8`) of the (N, K) weight
+    made of ``parts``, quantized in blocks of rows read into one float32 scratch (~4 MB)."""
+    from .quant import quantize_int8_into
+
+    n_rows = sum(expected[n][0] for _, _, n in parts)
+    k = expected[parts[0][2]][1]
+    q = torch.empty((n_rows, k), dtype=torch.int8)
+    s = torch.empty(n_rows, dtype=dtype)
+    step = max(1, (4 << 20) // (4 * k))
+    scratch = torch.empty((min(step, n_rows), k), dtype=torch.float32)
+    r = 0
+    for f, key, name in parts:
+        n = expected[name][0]
+        whole = f.read(key).t() if config.is_gpt2 and name.endswith(_CONV1D) else None
+        for b in range(0, n, step):
+            e = min(b + step, n)
+            w = scratch[:e - b]
+            if whole is not None:
+                w.copy_(whole[b:e])
+            elif f.dtype(key) == torch.float32:
+                f._pread(key, w, b)
+            else:
+                w.copy_(f.read(key, b, e))
+            quantize_int8_into(w, q[r + b:r + e], s[r + b:r + e])
+        r += n
+    return {"weight": q, "scales": s}

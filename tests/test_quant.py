@@ -92,3 +92,12 @@ def test_quantize_refusals(tmp_path):
     config = ModelConfig.from_file(path)
     with pytest.raises(WeightsError, match="int3"):
         load_decoder(path, config, device="cpu", quantize="int3")
+
+
+def test_quantize_int8_into_matches_quantize_int8():
+    w = torch.randn(37, 64) * torch.rand(37, 1) * 3
+    w[5] = 0                                            # an all-zero row keeps a tiny scale
+    q_ref, s_ref = quant.quantize_int8(w)
+    q, s = torch.empty(37, 64, dtype=torch.int8), torch.empty(37)
+    quant.quantize_int8_into(w.clone(), q, s)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
