@@ -283,6 +283,7 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
     modules = dict(decoder.named_modules())
 
     where, opened = _open_all(model_dir)
+    jobs: list = []          # plain reads, run together at the end (in parallel)
     try:
         src: dict[str, tuple[_File, str]] = {}
         for key, f in where.items():
@@ -325,7 +326,18 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
                 del w
             else:
                 floating = parts[0][0].dtype(parts[0][1]).is_floating_point
-                state[target] = _read(parts, expected, config, dt if floating else None).to(dev)
+                t = _read(parts, expected, config, dt if floating else None, jobs if dev.type == "cpu" else None)
+                state[target] = t.to(dev)
+        # Copying from the page cache is bound by one core's memcpy: read on torch's threads.
+        if len(jobs) > 1 and torch.get_num_threads() > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(4, torch.get_num_threads())) as pool:
+                for _ in pool.map(lambda job: job(), jobs):
+                    pass
+        else:
+            for job in jobs:
+                job()
     finally:
         for f in opened:
             f.close()
@@ -341,9 +353,10 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
     return decoder.eval()
 
 
-def _read(parts, expected, config: ModelConfig, dtype) -> torch.Tensor:
+def _read(parts, expected, config: ModelConfig, dtype, jobs: list | None = None) -> torch.Tensor:
     """One CPU tensor made of ``parts`` ((file, key, our name), stacked by rows) in ``dtype``
-    (None: the file's)."""
+    (None: the file's). With ``jobs``, the reads are appended there (callables) for the caller to
+    run, and the tensor is returned empty."""
     rows = sum(expected[n][0] for _, _, n in parts) if expected[parts[0][2]] else None
     first = parts[0]
     shape = (rows, *expected[first[2]][1:]) if rows is not None else ()
@@ -353,9 +366,10 @@ def _read(parts, expected, config: ModelConfig, dtype) -> torch.Tensor:
         n = expected[name][0] if shape else None
         dest = out[r:r + n] if shape else out
         if config.is_gpt2 and name.endswith(_CONV1D):
-            dest.copy_(f.read(key).t())
+            job = (lambda f, key, dest: lambda: dest.copy_(f.read(key).t()))(f, key, dest)
         else:
-            f.read_into(key, dest)
+            job = (lambda f, key, dest: lambda: f.read_into(key, dest))(f, key, dest)
+        jobs.append(job) if jobs is not None else job()
         r += n or 0
     return out
 
