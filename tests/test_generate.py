@@ -9,25 +9,9 @@ from llmsh.cache import KVCache
 from llmsh.errors import InputError
 from llmsh.generate import GenerationStats, generate_text, generate_tokens, prefill
 from llmsh.sampling import SamplingParams, make_generator
-from tiny_models import ARCHS, make_tiny_model, random_tokens
+from tiny_models import ARCHS, make_tiny_model, our_decoder, random_tokens
 
 GREEDY = SamplingParams(temperature=0.0)
-
-
-def our_decoder(hf_model, path):
-    """Our Decoder with the transformers model's weights (float32, CPU)."""
-    from llmsh.config import ModelConfig
-    from llmsh.model import Decoder
-
-    cfg = ModelConfig.from_file(path)
-    dec = Decoder(cfg)
-    sd = dict(hf_model.state_dict())
-    if cfg.model_type == "gpt2":  # HF stores gpt2's projections as Conv1D (in, out)
-        sd = {k: v.t() if k.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight")) else v
-              for k, v in sd.items()}
-    dec.load_state_dict(sd, strict=False)
-    dec.tie_weights()
-    return dec.eval()
 
 
 def hf_generate(hf, prompt, **kw):

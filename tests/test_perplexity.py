@@ -9,23 +9,7 @@ from torch import nn
 
 from llmsh.errors import InputError
 from llmsh.perplexity import PerplexityResult, combine, perplexity_lines, perplexity_llamacpp, perplexity_sliding
-from tiny_models import make_tiny_model, random_tokens
-
-
-def our_decoder(hf_model, path):
-    """Our Decoder with the transformers model's weights (float32, CPU)."""
-    from llmsh.config import ModelConfig
-    from llmsh.model import Decoder
-
-    cfg = ModelConfig.from_file(path)
-    dec = Decoder(cfg)
-    sd = dict(hf_model.state_dict())
-    if cfg.model_type == "gpt2":  # HF stores gpt2's projections as Conv1D (in, out)
-        sd = {k: v.t() if k.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight")) else v
-              for k, v in sd.items()}
-    dec.load_state_dict(sd, strict=False)
-    dec.tie_weights()
-    return dec.eval()
+from tiny_models import make_tiny_model, our_decoder, random_tokens
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

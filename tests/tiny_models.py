@@ -136,3 +136,19 @@ def random_tokens(vocab_size: int, length: int, batch: int = 1, seed: int = 1) -
     """(batch, length) int64 token ids drawn with a fixed seed."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, length), generator=g)
+
+
+def our_decoder(hf_model, path):
+    """Our Decoder with the transformers model's weights (float32, CPU)."""
+    from llmsh.config import ModelConfig
+    from llmsh.model import Decoder
+
+    cfg = ModelConfig.from_file(path)
+    dec = Decoder(cfg)
+    sd = dict(hf_model.state_dict())
+    if cfg.model_type == "gpt2":  # HF stores gpt2's projections as Conv1D (in, out)
+        sd = {k: v.t() if k.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight")) else v
+              for k, v in sd.items()}
+    dec.load_state_dict(sd, strict=False)
+    dec.tie_weights()
+    return dec.eval()
