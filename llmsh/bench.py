@@ -70,6 +70,7 @@ def run_bench(model, prompt_tokens: int = 512, new_tokens: int = 128, repetition
 
     Returns a dict: prefill_tok_s / decode_tok_s / ttft_s ({"median", "min", "max"}), peak_rss_mb,
     decode_gb_s (median), bytes_per_token, compile_s (seconds spent compiling, 0 if eager),
+    compile_cache ("warm"/"cold" inductor cache when compiled, else None), compile_cache_dir,
     device, dtype, quantization, threads, torch, model, prompt_tokens, new_tokens, repetitions.
     Raises ValueError for a non-positive count.
     """
@@ -110,6 +111,7 @@ def run_bench(model, prompt_tokens: int = 512, new_tokens: int = 128, repetition
         "bytes_per_token": bpt,
         "decode_gb_s": float(f"{bpt * statistics.median(dec_s) / 1e9:.3g}"),
         "compile": info.get("compiled", False), "compile_s": round(info.get("compile_s", 0.0), 2),
+        "compile_cache": info.get("cache"), "compile_cache_dir": info.get("cache_dir"),
         "device": str(p.device), "dtype": str(getattr(dec, "compute_dtype", p.dtype)).replace("torch.", ""),
         "quantization": getattr(dec, "quantization", None) or "none",
         "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -130,5 +132,6 @@ def format_bench(r: dict) -> str:
         f"decode   tg{r['new_tokens']}: {span(r['decode_tok_s'])} tok/s  "
         f"({r['decode_gb_s']:.1f} GB/s at {r['bytes_per_token'] / 1e6:.0f} MB/token)",
         f"ttft: {span(r['ttft_s'], '{:.3f}')} s   peak RSS: {r['peak_rss_mb']:.0f} MB"
-        + (f"   compile: {r['compile_s']:.1f} s" if r["compile"] else ""),
+        + (f"   compile: {r['compile_s']:.1f} s ({r.get('compile_cache')} cache "
+           f"{r.get('compile_cache_dir')})" if r["compile"] else ""),
     ])

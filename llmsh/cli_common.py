@@ -150,8 +150,8 @@ def compile_option(f):
     """``--compile/--no-compile``: torch.compile the decode step (default: automatic)."""
     return click.option("--compile/--no-compile", "compile_", default=None,
                         help="torch.compile the decode step (CPU: needs a C compiler; costs a "
-                             "compile once per process). Default: only when -n is large enough "
-                             "to pay the compile time back.")(f)
+                             "compile once per process, seconds once cached). Default: only when -n "
+                             "is large enough to pay the compile time back.")(f)
 
 
 def setup_decoding(lm, max_new_tokens: int | None, compile_: bool | None) -> None:
@@ -159,14 +159,15 @@ def setup_decoding(lm, max_new_tokens: int | None, compile_: bool | None) -> Non
     :func:`llmsh.compiled.setup_decoder`); a fallback to eager decoding is one notice."""
     if compile_ is False or (compile_ is None and not max_new_tokens):
         return
-    from .compiled import AUTO_COMPILE_MIN_TOKENS, setup_decoder
+    from .compiled import AUTO_COMPILE_WARM_MIN_TOKENS, setup_decoder
 
-    if compile_ is None and max_new_tokens < AUTO_COMPILE_MIN_TOKENS:
+    if compile_ is None and max_new_tokens < AUTO_COMPILE_WARM_MIN_TOKENS:
         return                 # nothing to import or decide: the common, eager case
     info = setup_decoder(lm.decoder, max_new_tokens=max_new_tokens or 0, compile=compile_,
                          notice=output.notice)
     if info.get("compiled"):
-        output.notice(f"compiled the decode step in {info['compile_s']:.1f} s")
+        output.notice(f"compiled the decode step in {info['compile_s']:.1f} s "
+                      f"({info.get('cache', 'cold')} inductor cache)")
 
 
 def read_prompt(args: tuple[str, ...], errors: str = "strict") -> str:

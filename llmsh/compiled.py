@@ -1,8 +1,8 @@
-"""A fixed-shape decode step, compiled with ``torch.compile`` and inductor weight freezing.
+"""A fixed-shape decode step, compiled with ``torch.compile`` (inductor, on-disk caches kept).
 
 On a small CPU, eager decoding is bound by per-operation overhead (about 30 operators per layer
-per token); compiled and frozen (weights become constants, prepacked for the matmul kernels) it
-becomes bound by memory bandwidth, as gpt-fast's ``decode_one_token`` is. The step writes the new
+per token); compiled it becomes about 2x faster, towards the memory-bandwidth bound, as
+gpt-fast's ``decode_one_token`` does. Weight freezing is off so that inductor's caches work. The step writes the new
 key/value at ``cache.offset`` in place (``index_copy_``), so no shape depends on the Python
 value of the offset except the number of visible keys L, which is a dynamic dimension on CPU
 (attention reads only L positions, one compilation for every length and cache size). On CUDA
@@ -15,6 +15,7 @@ Installed on a :class:`llmsh.model.Decoder` as ``decoder.decode_step``, which
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -25,9 +26,14 @@ from torch import nn
 
 from .model import apply_rope
 
-# max_new_tokens from which compile=None (automatic) compiles: below it the compile time
-# (about 45 s on 2 busy cores, for a 1.3-3x faster decode) is not paid back.
+# max_new_tokens from which compile=None (automatic) compiles with a cold inductor cache. The
+# compile (42-52 s on 2 busy cores) saves ~8 ms/token (eager 27-30 -> 31-41 tok/s), so it pays
+# back only after ~6000 tokens in this process; 2048 is kept because the compile also fills the
+# on-disk cache that makes every later process compile in seconds (benchmarks/RESULTS.md).
 AUTO_COMPILE_MIN_TOKENS = 2048
+# ... and with a warm cache (this model, dtype and device compiled before by this torch): the
+# compile is then 7-10 s, paid back after ~1100 tokens.
+AUTO_COMPILE_WARM_MIN_TOKENS = 1024
 
 
 class DecodeStep(nn.Module):
@@ -119,22 +125,30 @@ def setup_decoder(decoder, *, max_new_tokens: int = 0, compile: bool | None = No
     """Install (or remove) the compiled decode step on ``decoder``.
 
     compile: True — compile now; False — eager (removes an installed step); None — compile when
-    ``max_new_tokens >= AUTO_COMPILE_MIN_TOKENS`` on a CPU/CUDA llama-family float model.
+    ``max_new_tokens >= AUTO_COMPILE_MIN_TOKENS``, or ``>= AUTO_COMPILE_WARM_MIN_TOKENS`` when
+    inductor's on-disk cache is warm for this model (:func:`cache_is_warm`), on a CPU/CUDA
+    llama-family float model.
     mode: torch.compile mode; default "default" on CPU, "reduce-overhead"
     (CUDA graphs) on CUDA. Compilation happens here, on a small scratch cache, so its time is
-    reported and not paid by the first token; inductor's on-disk cache makes later runs faster.
+    reported and not paid by the first token. Inductor's on-disk caches (FX graph and AOTAutograd,
+    kept under :func:`inductor_cache_dir`) make a later process compile in seconds.
     If compiling fails, a one-line ``notice`` is sent and the decoder stays eager.
 
-    Returns {"compiled": bool, "compile_s": seconds, "reason": why not compiled, or None}.
+    Returns {"compiled": bool, "compile_s": seconds, "reason": why not compiled, or None,
+    "cache": "warm" | "cold" (whether this model had been compiled before), "cache_dir": path}.
     """
     decoder.__dict__.pop("decode_step", None)
-    if compile is False or (compile is None and max_new_tokens < AUTO_COMPILE_MIN_TOKENS):
+    if compile is False or (compile is None and max_new_tokens < AUTO_COMPILE_WARM_MIN_TOKENS):
         return {"compiled": False, "compile_s": 0.0, "reason": None}
     reason = compile_unavailable(decoder)
     if reason is not None:
         if compile and notice:
             notice(f"not compiling: {reason}")
         return {"compiled": False, "compile_s": 0.0, "reason": reason}
+    warm = cache_is_warm(decoder, mode)
+    if compile is None and not warm and max_new_tokens < AUTO_COMPILE_MIN_TOKENS:
+        return {"compiled": False, "compile_s": 0.0, "reason": None, "cache": "cold"}
+    cache_dir = inductor_cache_dir()
     t0 = time.perf_counter()
     try:
         fn = compile_step(decoder, mode=mode)
@@ -150,14 +164,59 @@ def setup_decoder(decoder, *, max_new_tokens: int = 0, compile: bool | None = No
         if notice:
             notice(f"torch.compile failed, decoding eagerly ({msg})")
         return {"compiled": False, "compile_s": time.perf_counter() - t0, "reason": msg}
-    return {"compiled": True, "compile_s": time.perf_counter() - t0, "reason": None, "step": fn}
+    if warmup:
+        _mark_warm(decoder, mode)
+    return {"compiled": True, "compile_s": time.perf_counter() - t0, "reason": None, "step": fn,
+            "cache": "warm" if warm else "cold", "cache_dir": cache_dir}
 
 
-def compile_step(decoder, *, mode: str | None = None, backend: str = "inductor", full_length=None):
+def inductor_cache_dir() -> str:
+    """Where inductor keeps its on-disk caches: ``$TORCHINDUCTOR_CACHE_DIR`` if set, else
+    ``llmsh_home()/inductor``, which is then set in the environment (inductor reads it there at
+    each compile, so this must run before compiling)."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        from .hub import llmsh_home
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(llmsh_home() / "inductor")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def _warm_marker(decoder, mode: str | None) -> str:
+    # The inductor cache keys on the graph, shapes, torch version and config; this marker keys on
+    # what decides them here, so "warm" predicts a cache hit without tracing anything.
+    p = next(decoder.parameters())
+    key = repr((decoder.config, str(p.dtype), p.device.type, mode, torch.__version__,
+                getattr(decoder, "quantization", None)))
+    name = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return os.path.join(inductor_cache_dir(), "llmsh-warm", name)
+
+
+def cache_is_warm(decoder, mode: str | None = None) -> bool:
+    """True if this decoder's step (config, dtype, device type, mode, torch version) was compiled
+    before with the current inductor cache dir, so compiling now should take seconds."""
+    return os.path.exists(_warm_marker(decoder, mode))
+
+
+def _mark_warm(decoder, mode: str | None) -> None:
+    path = _warm_marker(decoder, mode)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(repr(decoder.config) + "\n")
+    except OSError:
+        pass                              # a read-only cache only costs the next compile time
+
+
+def compile_step(decoder, *, mode: str | None = None, backend: str = "inductor", full_length=None,
+                 freeze: bool = False):
     """Build, compile (lazily, at first call) and install ``decoder.decode_step``; returns it.
 
     full_length: attend over the whole cache with a mask (static shapes; default on CUDA).
     backend "eager" skips inductor (used by the tests to check the step itself).
+    freeze: inductor weight freezing. Off: with torch 2.13 freezing bypasses both the FX graph
+    cache and the AOTAutograd cache (every process recompiles, 52-64 s here) and peaks at 1.8 GB;
+    unfrozen decodes as fast here (34-41 vs 34 tok/s frozen), compiles in 42-52 s cold and
+    7-10 s warm, and peaks at 1.0-1.1 GB.
     """
     dev = next(decoder.parameters()).device
     full = dev.type == "cuda" if full_length is None else full_length
@@ -167,7 +226,8 @@ def compile_step(decoder, *, mode: str | None = None, backend: str = "inductor",
     else:
         import torch._inductor.config as inductor_config
 
-        inductor_config.freezing = True    # weights as constants: folded and prepacked
+        inductor_config.freezing = freeze
+        inductor_cache_dir()
         if mode is None:
             # CPU: "default" decodes as fast here as "max-autotune-no-cudagraphs" (20.3 vs 21.4
             # tok/s, 1 thread) but compiles in 49 s instead of 109 s and peaks at 1.8 GB, not 2.4.

@@ -78,6 +78,29 @@ def test_setup_decoder_policy_and_fallback(tmp_path, monkeypatch):
     assert "C compiler" in compiled.compile_unavailable(dec)
 
 
+def test_automatic_compile_follows_the_warm_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    real = compiled.compile_step
+    monkeypatch.setattr(compiled, "compile_step",
+                        lambda d, **kw: real(d, backend="eager", full_length=False))
+    path, _ = make_tiny_model("llama", tmp_path / "l")
+    dec = load_decoder(path, ModelConfig.from_file(path), device="cpu")
+    n = compiled.AUTO_COMPILE_WARM_MIN_TOKENS
+    assert not compiled.cache_is_warm(dec)
+    assert compiled.setup_decoder(dec, max_new_tokens=n, compile=None)["compiled"] is False
+    info = compiled.setup_decoder(dec, max_new_tokens=n, compile=True)
+    assert info["compiled"] and info["cache"] == "cold"
+    assert info["cache_dir"] == str(tmp_path / "inductor") and compiled.cache_is_warm(dec)
+    info = compiled.setup_decoder(dec, max_new_tokens=n, compile=None)    # warm: automatic
+    assert info["compiled"] and info["cache"] == "warm"
+    assert compiled.setup_decoder(dec, max_new_tokens=n - 1, compile=None)["compiled"] is False
+    other = load_decoder(path, ModelConfig.from_file(path), device="cpu", dtype="bfloat16")
+    assert not compiled.cache_is_warm(other)                              # keyed by dtype too
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("LLMSH_HOME", str(tmp_path / "home"))
+    assert compiled.inductor_cache_dir() == str(tmp_path / "home" / "inductor")
+
+
 def test_run_bench_reports_every_field(tmp_path):
     from llmsh.bench import format_bench, run_bench
     from llmsh.loader import LoadedModel
@@ -162,7 +185,8 @@ def test_info_shows_quantization_and_fusion(bos_model, hf_bos_model, llmsh_home)
     assert "quantization:" in text and "int8" in text and "fused projections: yes" in text
 
 
-def test_generate_compile_option(bos_model, llmsh_home, monkeypatch):
+def test_generate_compile_option(bos_model, llmsh_home, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     real = compiled.compile_step
     calls = []
 
