@@ -100,15 +100,32 @@ class ModelConfig:
             p = p / "config.json"
         if not p.is_file():
             raise ConfigError(f"{p}: config.json not found")
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{p}: not valid JSON ({e})") from None
+        d = read_json_object(p, ConfigError)
         try:
             return cls.from_dict(d)
         except ConfigError as e:
             msg = str(e).removeprefix("config.json: ")
             raise ConfigError(f"{p}: {msg}") from None
+
+
+def read_json_object(path, error: type[Exception]) -> dict:
+    """The JSON object in ``path`` (a model folder's config.json, tokenizer_config.json, …);
+    ``{}`` when the file does not exist.
+
+    Raises:
+        ``error`` (an LlmshError subclass), naming the file, when it cannot be read, is not
+        valid JSON, or holds something other than a JSON object.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{p}: not valid JSON (expected an object)")
+    return data
 
 
 def _require(d: dict, *names: tuple[str, ...]) -> list[Any]:

@@ -6,7 +6,6 @@ This is the one place that ties the model-folder modules together; the CLI and t
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,13 +55,9 @@ def read_generation_config(model_dir: Path) -> dict:
     Raises:
         ConfigError: the file exists but is not valid JSON.
     """
-    p = Path(model_dir) / "generation_config.json"
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{p}: not valid JSON ({e})") from None
+    from .config import read_json_object
+
+    return read_json_object(Path(model_dir) / "generation_config.json", ConfigError)
 
 
 def load_model(

@@ -22,26 +22,14 @@ Invalid UTF-8 from byte pieces becomes U+FFFD by Python's ``errors="replace"`` r
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+from .config import read_json_object
 from .errors import InputError, TokenizerError
 from .stream_decoder import StreamDecoder
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"cannot read {path}: expected a JSON object")
-    return data
 
 
 def _content(tok) -> str | None:
@@ -89,10 +77,10 @@ class Tokenizer:
         d = Path(model_dir)
         if not d.is_dir():
             raise TokenizerError(f"tokenizer folder not found: {d}")
-        tconf = _read_json(d / "tokenizer_config.json")
-        smap = _read_json(d / "special_tokens_map.json")
-        gconf = _read_json(d / "generation_config.json")
-        mconf = _read_json(d / "config.json")
+        tconf = read_json_object(d / "tokenizer_config.json", TokenizerError)
+        smap = read_json_object(d / "special_tokens_map.json", TokenizerError)
+        gconf = read_json_object(d / "generation_config.json", TokenizerError)
+        mconf = read_json_object(d / "config.json", TokenizerError)
         # imported here: the back ends subclass Tokenizer, so they import this module
         from .tokenizer_backends import _JsonTokenizer, _SentencePieceTokenizer
 
