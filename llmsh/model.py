@@ -374,14 +374,16 @@ class Decoder(nn.Module):
         return self.rope_cos[offset:offset + t], self.rope_sin[offset:offset + t]   # (T, D)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, logits_from: int = 0) -> torch.Tensor:
         """Logits for ``tokens`` (B, T) int64 whose positions start at ``cache.offset`` (0 without).
 
-        Returns (B, T, V) float32, or (B, 1, V) with ``last_only``. With a cache, writes the new
-        keys/values and advances ``cache.offset`` by T.
+        Returns (B, T, V) float32; (B, 1, V) with ``last_only``; (B, T - logits_from, V), the
+        logits of the new tokens logits_from … T−1 only, with ``logits_from`` (scoring: the output
+        projection is a fifth of the model's FLOPs and its logits most of the memory). With a
+        cache, writes the new keys/values and advances ``cache.offset`` by T.
 
         Raises:
-            ValueError: T is 0, the cache would overflow, or (gpt2) a position is past
+            ValueError: T is 0, ``logits_from`` is outside 0 … T−1, the cache would overflow, or (gpt2) a position is past
                 ``max_position_embeddings`` (learned positions cannot be extended).
         """
         b, t = tokens.shape
@@ -393,6 +395,8 @@ class Decoder(nn.Module):
         offset = cache.offset if cache is not None else 0
         if t == 0:
             raise ValueError("forward() needs at least one token")
+        if not 0 <= logits_from < t:
+            raise ValueError(f"logits_from must be in 0 … {t - 1}, got {logits_from}")
         if cache is not None and offset + t > cache.max_seq_len:
             raise ValueError(f"KV cache overflow: {offset} + {t} tokens > max_seq_len {cache.max_seq_len}")
         masks = {w: attention_mask(offset, t, w, tokens.device) for w in self._windows}
@@ -414,6 +418,8 @@ class Decoder(nn.Module):
             norm = self.model.norm
         if last_only:
             x = x[:, -1:]
+        elif logits_from:
+            x = x[:, logits_from:]
         if cache is not None:
             cache.advance(t)
         return self.lm_head(norm(x)).float()                                 # (B, T|1, V)

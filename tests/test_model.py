@@ -72,6 +72,13 @@ def test_chunked_prefill_matches(models, arch):
     with torch.no_grad():
         last = dec(tokens, cache, last_only=True)
     _close(last, ref[:, -1:])
+    # logits_from keeps the logits of the later positions only (what scoring reads)
+    with torch.no_grad():
+        tail = dec(tokens, None, logits_from=N - 9)
+        assert tail.shape[1] == 9
+        _close(tail, ref[:, N - 9:])
+        with pytest.raises(ValueError, match="logits_from"):
+            dec(tokens, None, logits_from=N)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

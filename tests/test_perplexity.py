@@ -139,10 +139,10 @@ class Uniform(nn.Module):
         self.vocab = vocab
         self.batches = []
 
-    def forward(self, tokens, cache=None, last_only=False):
+    def forward(self, tokens, cache=None, last_only=False, logits_from=0):
         assert cache is None
         self.batches.append(tuple(tokens.shape))
-        return torch.zeros(tokens.shape[0], 1 if last_only else tokens.shape[1], self.vocab)
+        return torch.zeros(tokens.shape[0], 1 if last_only else tokens.shape[1] - logits_from, self.vocab)
 
 
 def test_uniform_logits_give_vocab_size():
