@@ -109,8 +109,6 @@ def compile_unavailable(decoder) -> str | None:
     """Why the decode step cannot be compiled for ``decoder`` (a reason), or None if it can."""
     if decoder.config.is_gpt2:
         return "gpt2 models decode eagerly"
-    if getattr(decoder, "quantization", None):
-        return "quantized models decode eagerly (their compiled greedy output drifts)"
     dev = next(decoder.parameters()).device
     if dev.type == "cpu" and not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
                                   or shutil.which("clang")):

@@ -55,6 +55,22 @@ def test_decode_step_through_dynamo(tmp_path):
     assert (out - ref).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_decode_step_through_dynamo(tmp_path, quantize):
+    # The quantized kernels (and their bfloat16 input casts) must trace as one graph.
+    path, _ = make_tiny_model("llama", tmp_path)
+    config = ModelConfig.from_file(path)
+    dec = load_decoder(path, config, device="cpu", dtype="float32", quantize=quantize)
+    assert compiled.compile_unavailable(dec) is None
+    tokens = random_tokens(config.vocab_size, 12)
+    ref, _ = _decode_all(dec, tokens)
+    compiled.compile_step(dec, mode=None, backend="eager", full_length=False)
+    dec.__dict__["decode_step"].fn = torch.compile(compiled.DecodeStep(dec, False), backend="eager",
+                                                   fullgraph=True)
+    out, _ = _decode_all(dec, tokens)
+    assert (out - ref).abs().max() <= 1e-4
+
+
 def test_setup_decoder_policy_and_fallback(tmp_path, monkeypatch):
     path, _ = make_tiny_model("gpt2", tmp_path)
     gpt2 = load_decoder(path, ModelConfig.from_file(path), device="cpu")

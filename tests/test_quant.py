@@ -11,6 +11,19 @@ from llmsh.weights import load_decoder
 from tiny_models import make_tiny_model, random_tokens
 
 
+def test_int4_is_exact_on_a_q4_1_grid():
+    # llama.cpp's Q4_1 stores blocks of 32 as min + d * q, q in 0..15 with both ends used; our
+    # groups of 32 must recover such weights exactly (the default model's layers are Q4_1).
+    g = torch.Generator().manual_seed(2)
+    d = torch.rand(48, 4, 1, generator=g) * 0.01 + 1e-3
+    m = torch.randn(48, 4, 1, generator=g) * 0.05
+    q = torch.randint(0, 16, (48, 4, 32), generator=g)
+    q[..., 0], q[..., 1] = 0, 15
+    w = (m + d * q).reshape(48, 128)
+    qq, sz = quant.quantize_int4(w)
+    assert torch.allclose(quant.dequantize_int4(qq, sz), w, rtol=0, atol=1e-6)
+
+
 def test_int8_kernel_matches_dequantized_matmul():
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(96, 64, generator=g), torch.randn(5, 64, generator=g)
