@@ -143,7 +143,8 @@ def _llamacpp(gguf: str, prompt: list[int], n: int, windows) -> dict:
         toks = []
         t0 = time.perf_counter()
         for i in range(n):
-            toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))   # last token's
+            toks.append(int(np.argmax(last)))
             if i < n - 1:
                 llm.eval([toks[-1]])
         t_dec = time.perf_counter() - t0
