@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import apply_rope
+from .rope import apply_rope
 
 # max_new_tokens from which compile=None (automatic) compiles with a cold inductor cache. The
 # compile (42-52 s on 2 busy cores) saves ~8 ms/token (eager 27-30 -> 31-41 tok/s), so it pays

@@ -12,132 +12,19 @@ heads, D head_dim, C hidden size, V vocabulary.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig
-
-
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (D/2,) float32 on CPU, as transformers' ``ROPE_INIT_FUNCTIONS``.
-
-    ``linear`` divides every frequency by ``factor``; ``llama3`` divides long wavelengths
-    (> original_max_position_embeddings / low_freq_factor) by ``factor``, keeps short ones
-    (< .../high_freq_factor) and interpolates linearly (in 1/wavelength) in between.
-    """
-    d = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
-    s = config.rope_scaling
-    if s is None:
-        return inv
-    if s["rope_type"] == "linear":
-        return inv / s["factor"]
-    # llama3
-    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
-    smooth = (old / wavelen - lo) / (hi - lo)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rope_tables(inv_freq: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables (n, D) float32 for positions 0..n-1 (half-rotation layout: freqs twice)."""
-    freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=inv_freq.device), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by cos/sin (T, D), rotating the two halves of D as transformers."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def attention_mask(offset: int, t: int, window: int | None, device) -> tuple[int, torch.Tensor | bool | None]:
-    """Which cached keys the t queries at positions offset.. may see.
-
-    Returns (start, mask): keys before ``start`` are invisible to every query and are sliced off
-    (bounds the work under a sliding window); ``mask`` is None (all remaining keys visible),
-    True (plain causal, i.e. SDPA's ``is_causal``, right only when the key and query ranges
-    coincide) or a boolean (t, S-start) tensor, True = attend. A key j is visible to the query
-    at position i when j <= i and, with a window W, i - j < W (transformers' sliding mask).
-    """
-    start = 0 if window is None else max(0, offset - window + 1)
-    if t == 1:
-        return start, None
-    if offset == 0 and (window is None or t <= window):
-        return 0, True
-    q = torch.arange(offset, offset + t, device=device)[:, None]
-    k = torch.arange(start, offset + t, device=device)[None, :]
-    mask = k <= q
-    if window is not None:
-        mask &= k > q - window
-    return start, mask
-
-
-def sdpa(q, k, v, start: int, mask) -> torch.Tensor:
-    """Attention of q (B, H, T, D) over k, v (B, KV, S, D) from key ``start`` -> (B, H, T, D)."""
-    if start:
-        k, v = k[:, :, start:], v[:, :, start:]
-    gqa = q.shape[1] != k.shape[1]
-    if mask is True:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-
-def _act(name: str):
-    if name in ("silu", "swish"):
-        return F.silu
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    return {"gelu": F.gelu, "relu": F.relu}[name]
-
-
-def _fused_linear(*parts: nn.Linear) -> nn.Linear:
-    """One nn.Linear whose output rows are ``parts``' rows in order (same input, same dtype)."""
-    w = torch.cat([p.weight for p in parts]) if parts[0].weight.device.type != "meta" else None
-    out = sum(p.out_features for p in parts)
-    fused = nn.Linear(parts[0].in_features, out, bias=parts[0].bias is not None,
-                      device="meta", dtype=parts[0].weight.dtype)
-    if w is not None:
-        fused.weight = nn.Parameter(w, requires_grad=False)
-        if fused.bias is not None:
-            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
-    return fused
-
-
-def _embedding(num: int, dim: int) -> nn.Embedding:
-    """nn.Embedding(num, dim), without the random init when built on the meta device (for
-    loading): normal_ on meta goes through torch._refs, whose import pulls in torch._dynamo
-    (about 1 s of a cold start)."""
-    w = torch.empty(num, dim)
-    return nn.Embedding(num, dim, _weight=w) if w.device.type == "meta" else nn.Embedding(num, dim)
+from .gpt2 import GPT2Model
+from .layers import RMSNorm, act_fn, attention_mask, embedding, fused_linear, sdpa
+from .rope import apply_rope, rope_inv_freq, rope_tables
 
 
 # Checkpoint tensors that fuse_projections() concatenates: fused name -> HF names, in row order.
 FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
-
-
-class RMSNorm(nn.Module):
-    """transformers' LlamaRMSNorm: normalise in float32, cast back, then scale by ``weight``."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- llama family
@@ -156,7 +43,7 @@ class LlamaAttention(nn.Module):
 
     def fuse(self) -> None:
         """Replace q/k/v_proj by one ``qkv_proj`` (rows q, k, v): one matmul instead of three."""
-        self.qkv_proj = _fused_linear(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_proj = fused_linear(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
     def qkv(self, x):
@@ -187,11 +74,11 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
-        self.act = _act(c.hidden_act)
+        self.act = act_fn(c.hidden_act)
 
     def fuse(self) -> None:
         """Replace gate/up_proj by one ``gate_up_proj`` (rows gate, then up)."""
-        self.gate_up_proj = _fused_linear(self.gate_proj, self.up_proj)
+        self.gate_up_proj = fused_linear(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
     def forward(self, x):
@@ -219,63 +106,9 @@ class LlamaModel(nn.Module):
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = _embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(LlamaLayer(c, i) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-
-
-# ----------------------------------------------------------------------------- gpt2
-
-class GPT2Attention(nn.Module):
-    def __init__(self, c: ModelConfig, layer: int) -> None:
-        super().__init__()
-        self.layer, self.h, self.d, self.c = layer, c.num_attention_heads, c.head_dim, c.hidden_size
-        self.c_attn = nn.Linear(c.hidden_size, 3 * c.hidden_size)   # fused q, k, v
-        self.c_proj = nn.Linear(c.hidden_size, c.hidden_size)
-
-    def forward(self, x, cache, masks):
-        b, t, _ = x.shape
-        q, k, v = (z.view(b, t, self.h, self.d).transpose(1, 2)         # (B, H, T, D) each
-                   for z in self.c_attn(x).split(self.c, dim=-1))
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        y = sdpa(q, k, v, *masks[None])
-        return self.c_proj(y.transpose(1, 2).reshape(b, t, self.c))
-
-
-class GPT2MLP(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.c_proj = nn.Linear(c.intermediate_size, c.hidden_size)
-        self.act = _act(c.hidden_act)
-
-    def forward(self, x):
-        return self.c_proj(self.act(self.c_fc(x)))
-
-
-class GPT2Block(nn.Module):
-    def __init__(self, c: ModelConfig, layer: int) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(c.hidden_size, eps=c.rms_norm_eps)
-        self.attn = GPT2Attention(c, layer)
-        self.ln_2 = nn.LayerNorm(c.hidden_size, eps=c.rms_norm_eps)
-        self.mlp = GPT2MLP(c)
-
-    def forward(self, x, cache, masks):
-        x = x + self.attn(self.ln_1(x), cache, masks)
-        return x + self.mlp(self.ln_2(x))
-
-
-class GPT2Model(nn.Module):
-    """``transformer.*`` of a gpt2 checkpoint: token and position embeddings, blocks, ln_f."""
-
-    def __init__(self, c: ModelConfig) -> None:
-        super().__init__()
-        self.wte = _embedding(c.vocab_size, c.hidden_size)
-        self.wpe = _embedding(c.max_position_embeddings, c.hidden_size)
-        self.h = nn.ModuleList(GPT2Block(c, i) for i in range(c.num_hidden_layers))
-        self.ln_f = nn.LayerNorm(c.hidden_size, eps=c.rms_norm_eps)
 
 
 # ----------------------------------------------------------------------------- decoder

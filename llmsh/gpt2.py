@@ -1,0 +1,63 @@
+"""GPT-2's blocks (learned positions, LayerNorm, GELU MLP, fused c_attn), as transformers'
+``GPT2LMHeadModel``. Conv1D weights are stored transposed into nn.Linear layout by
+:mod:`llmsh.weights`. Shapes as in :mod:`llmsh.model`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import ModelConfig
+from .layers import act_fn, embedding, sdpa
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.h, self.d, self.c = layer, c.num_attention_heads, c.head_dim, c.hidden_size
+        self.c_attn = nn.Linear(c.hidden_size, 3 * c.hidden_size)   # fused q, k, v
+        self.c_proj = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x, cache, masks):
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, self.h, self.d).transpose(1, 2)         # (B, H, T, D) each
+                   for z in self.c_attn(x).split(self.c, dim=-1))
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = sdpa(q, k, v, *masks[None])
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, self.c))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.c_proj = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.act = act_fn(c.hidden_act)
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.attn = GPT2Attention(c, layer)
+        self.ln_2 = nn.LayerNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.mlp = GPT2MLP(c)
+
+    def forward(self, x, cache, masks):
+        x = x + self.attn(self.ln_1(x), cache, masks)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nn.Module):
+    """``transformer.*`` of a gpt2 checkpoint: token and position embeddings, blocks, ln_f."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.wte = embedding(c.vocab_size, c.hidden_size)
+        self.wpe = embedding(c.max_position_embeddings, c.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(c, i) for i in range(c.num_hidden_layers))
+        self.ln_f = nn.LayerNorm(c.hidden_size, eps=c.rms_norm_eps)
