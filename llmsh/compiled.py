@@ -130,7 +130,8 @@ def setup_decoder(decoder, *, max_new_tokens: int = 0, compile: bool | None = No
     (CUDA graphs) on CUDA. Compilation happens here, on a small scratch cache, so its time is
     reported and not paid by the first token. Inductor's on-disk caches (FX graph and AOTAutograd,
     kept under :func:`inductor_cache_dir`) make a later process compile in seconds.
-    If compiling fails, a one-line ``notice`` is sent and the decoder stays eager.
+    ``notice`` (one line each) announces the compile before it starts and reports a failure,
+    after which the decoder stays eager.
 
     Returns {"compiled": bool, "compile_s": seconds, "reason": why not compiled, or None,
     "cache": "warm" | "cold" (whether this model had been compiled before), "cache_dir": path}.
@@ -147,6 +148,9 @@ def setup_decoder(decoder, *, max_new_tokens: int = 0, compile: bool | None = No
     if compile is None and not warm and max_new_tokens < AUTO_COMPILE_MIN_TOKENS:
         return {"compiled": False, "compile_s": 0.0, "reason": None, "cache": "cold"}
     cache_dir = inductor_cache_dir()
+    if notice:      # a cold compile is a minute of silence otherwise
+        notice("compiling the decode step " + ("(cached before: seconds)" if warm else
+                                               "(first time for this model: about a minute)"))
     t0 = time.perf_counter()
     try:
         fn = compile_step(decoder, mode=mode)

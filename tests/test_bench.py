@@ -87,7 +87,8 @@ def test_setup_decoder_policy_and_fallback(tmp_path, monkeypatch):
     monkeypatch.setattr(compiled, "compile_step", boom)
     notes.clear()
     info = compiled.setup_decoder(dec, compile=True, notice=notes.append)
-    assert not info["compiled"] and "decoding eagerly" in notes[0] and "C++" in notes[0]
+    assert "compiling the decode step" in notes[0] and "about a minute" in notes[0]
+    assert not info["compiled"] and "decoding eagerly" in notes[-1] and "C++" in notes[-1]
     assert "decode_step" not in dec.__dict__
     monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
     monkeypatch.delenv("CC", raising=False)
