@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import tempfile
 
 import click
 
@@ -33,7 +35,7 @@ def _result_line(source, r) -> str:
     # One scored token has no spread to estimate an error from.
     err = f"{r.stderr:.4f}" if r.stderr is not None and math.isfinite(r.stderr) else "n/a"
     return (f"{source}: PPL {r.perplexity:.4f} ± {err}, NLL {r.nll:.4f} nats/token, "
-            f"{r.bits_per_byte:.4f} bits/byte, {r.n_tokens} tokens scored ({proto}, n_ctx {r.n_ctx})")
+            f"{r.bits_per_byte:.4f} bits/byte, {r.n_tokens} token{'s' if r.n_tokens != 1 else ''} scored ({proto}, n_ctx {r.n_ctx})")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS, short_help="Score text: perplexity, NLL, bits per byte (alias: ppl).")
@@ -82,7 +84,7 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
         raise click.UsageError("give FILE arguments or pipe text on stdin")
     texts = [(s if s != "-" else "<stdin>", _strip_one_newline(output.read_file(s, errors=errors)))
              for s in sources]
-    per_token_file = _open_output(per_token) if per_token else None  # fail before the model loads
+    per_token_file = _PendingOutput(per_token) if per_token else None  # fail before the model loads
     lm = load(model, device, dtype, quantize)
     tok = lm.tokenizer
     if n_ctx > lm.n_ctx_max:
@@ -116,6 +118,7 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
                 click.echo(_result_line(source, r))
     if per_token_file is not None:
         _write_per_token(per_token_file, results, tok)
+        per_token_file.commit()
     if as_json:
         for source, r in results:
             click.echo(json.dumps(_result_dict(source, r)))
@@ -130,24 +133,60 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
             click.echo(_result_line("total", total))
 
 
-def _open_output(path):
-    try:
-        return open(path, "w", encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+class _PendingOutput:
+    """A file written beside ``path`` and renamed over it by :meth:`commit`, so that a run that
+    fails or is interrupted (input too short, Ctrl-C) leaves an existing ``path`` as it was.
+
+    Opening checks writability at once (before the model loads). The temporary file is removed
+    when the command's context closes without a commit.
+
+    Raises:
+        InputError: the directory cannot be written.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        target = os.path.abspath(path)
+        try:
+            fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(target),
+                                            prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+        except OSError as e:
+            raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+        self.file = os.fdopen(fd, "w", encoding="utf-8")
+        click.get_current_context().call_on_close(self.discard)
+
+    def commit(self) -> None:
+        """Close and move the file into place, with the mode a plain open() would have given."""
+        try:
+            self.file.close()
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = os.stat(self.path).st_mode & 0o777 if os.path.exists(self.path) else 0o666 & ~umask
+            os.chmod(self.tmp, mode)
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            raise InputError(f"cannot write {self.path}: {e.strerror or e}") from None
+        self.tmp = None
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            self.file.close()
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+            self.tmp = None
 
 
-def _write_per_token(f, results, tok) -> None:
-    path = f.name
+def _write_per_token(out: _PendingOutput, results, tok) -> None:
     try:
-        with f:
-            for source, r in results:
-                for pos, tid, nll in zip(r.token_positions or [], r.token_ids or [], r.token_nll or []):
-                    f.write(json.dumps({"source": source, "position": pos, "id": tid,
-                                        "text": tok.decode([tid]), "logprob": -nll},
-                                       ensure_ascii=False) + "\n")
+        for source, r in results:
+            for pos, tid, nll in zip(r.token_positions or [], r.token_ids or [], r.token_nll or []):
+                out.file.write(json.dumps({"source": source, "position": pos, "id": tid,
+                                           "text": tok.decode([tid]), "logprob": -nll},
+                                          ensure_ascii=False) + "\n")
     except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+        raise InputError(f"cannot write {out.path}: {e.strerror or e}") from None
 
 
 def _strip_one_newline(text: str) -> str:

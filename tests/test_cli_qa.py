@@ -120,11 +120,28 @@ def test_per_token_path_checked_before_the_model_loads(tmp_path, llmsh_home, mon
                    "cannot write", "nonexist")
 
 
+def test_per_token_file_is_replaced_only_by_a_run_that_succeeds(chat_model, tmp_path, llmsh_home):
+    out = tmp_path / "out"
+    out.mkdir()
+    per = out / "keep.jsonl"
+    per.write_text("earlier results\n")
+    os.chmod(per, 0o640)
+    # Too short for the default protocol: an error after the model loaded; the file is untouched.
+    one_line_error(run(["ppl", "-m", str(chat_model), "-c", "32", "--per-token", str(per)], input="a b c\n"),
+                   "needs at least")
+    assert per.read_text() == "earlier results\n"
+    ok(["ppl", "-m", str(chat_model), "-c", "32", "--per-token", str(per)], input="hello world " * 40)
+    rows = [json.loads(line) for line in per.read_text().splitlines()]
+    assert rows and {"source", "position", "id", "text", "logprob"} <= set(rows[0])
+    assert os.stat(per).st_mode & 0o777 == 0o640
+    assert [p.name for p in out.iterdir()] == ["keep.jsonl"]     # no temporary left behind
+
+
 def test_one_scored_token_has_no_stderr(chat_model, llmsh_home):
     tok = hf_tokenizer(chat_model)
     line = next(w for w in ("ab", "a b", "hello", "x y") if len(tok(w).input_ids) == 2)
     r = ok(["ppl", "-m", str(chat_model), "--each-line"], input=line + "\n")
-    assert "1 tokens scored" in r.stdout and "± n/a," in r.stdout and " nan" not in r.stdout
+    assert "1 token scored" in r.stdout and "± n/a," in r.stdout and " nan" not in r.stdout
     assert json.loads(ok(["ppl", "-m", str(chat_model), "--each-line", "--json"], input=line).stdout)["stderr"] is None
 
 
