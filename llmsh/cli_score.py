@@ -112,7 +112,8 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
                     r = perplexity_llamacpp(lm.decoder, ids, n_ctx, bos_id=bos_id, all_tokens=all_tokens,
                                             **common)
             except InputError as e:
-                raise InputError(f"{source}: {e}") from None
+                hint = "" if stride is not None else " (a smaller -c/--n-ctx, or --stride, scores shorter texts)"
+                raise InputError(f"{source}: {e}{hint}") from None
             results.append((source, r))
             if not as_json:  # results appear as each file is done
                 click.echo(_result_line(source, r))
