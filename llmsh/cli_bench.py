@@ -11,7 +11,7 @@ import sys
 import click
 
 from . import output
-from .cli_common import CONTEXT_SETTINGS, model_options
+from .cli_common import CONTEXT_SETTINGS, model_options, quantize_option
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -22,8 +22,7 @@ from .cli_common import CONTEXT_SETTINGS, model_options
               help="Tokens generated for the decode measurement.")
 @click.option("-r", "--repetitions", type=click.IntRange(1), default=3, show_default=True, metavar="N",
               help="Measured runs after one warm-up run.")
-@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-              help="Weight-only quantization while loading (CPU only).")
+@quantize_option
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the decode step (default: only for long generations).")
 @click.option("--threads", type=click.IntRange(1), default=None, metavar="N",
