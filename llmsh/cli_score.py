@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 
 import click
 
@@ -84,7 +82,10 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
         raise click.UsageError("give FILE arguments or pipe text on stdin")
     texts = [(s if s != "-" else "<stdin>", _strip_one_newline(output.read_file(s, errors=errors)))
              for s in sources]
-    per_token_file = _PendingOutput(per_token) if per_token else None  # fail before the model loads
+    per_token_file = None
+    if per_token:       # created now, to fail before the model loads; FILE replaced only at the end
+        per_token_file = output.PendingFile(per_token)
+        click.get_current_context().call_on_close(per_token_file.discard)
     lm = load(model, device, dtype, quantize)
     tok = lm.tokenizer
     if n_ctx > lm.n_ctx_max:
@@ -134,60 +135,11 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
             click.echo(_result_line("total", total))
 
 
-class _PendingOutput:
-    """A file written beside ``path`` and renamed over it by :meth:`commit`, so that a run that
-    fails or is interrupted (input too short, Ctrl-C) leaves an existing ``path`` as it was.
-
-    Opening checks writability at once (before the model loads). The temporary file is removed
-    when the command's context closes without a commit.
-
-    Raises:
-        InputError: the directory cannot be written.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        target = os.path.abspath(path)
-        try:
-            fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(target),
-                                            prefix=f".{os.path.basename(target)}.", suffix=".tmp")
-        except OSError as e:
-            raise InputError(f"cannot write {path}: {e.strerror or e}") from None
-        self.file = os.fdopen(fd, "w", encoding="utf-8")
-        click.get_current_context().call_on_close(self.discard)
-
-    def commit(self) -> None:
-        """Close and move the file into place, with the mode a plain open() would have given."""
-        try:
-            self.file.close()
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = os.stat(self.path).st_mode & 0o777 if os.path.exists(self.path) else 0o666 & ~umask
-            os.chmod(self.tmp, mode)
-            os.replace(self.tmp, self.path)
-        except OSError as e:
-            raise InputError(f"cannot write {self.path}: {e.strerror or e}") from None
-        self.tmp = None
-
-    def discard(self) -> None:
-        if self.tmp is not None:
-            self.file.close()
-            try:
-                os.unlink(self.tmp)
-            except OSError:
-                pass
-            self.tmp = None
-
-
-def _write_per_token(out: _PendingOutput, results, tok) -> None:
-    try:
-        for source, r in results:
-            for pos, tid, nll in zip(r.token_positions or [], r.token_ids or [], r.token_nll or []):
-                out.file.write(json.dumps({"source": source, "position": pos, "id": tid,
-                                           "text": tok.decode([tid]), "logprob": -nll},
-                                          ensure_ascii=False) + "\n")
-    except OSError as e:
-        raise InputError(f"cannot write {out.path}: {e.strerror or e}") from None
+def _write_per_token(out: output.PendingFile, results, tok) -> None:
+    for source, r in results:
+        for pos, tid, nll in zip(r.token_positions or [], r.token_ids or [], r.token_nll or []):
+            out.write(json.dumps({"source": source, "position": pos, "id": tid,
+                                  "text": tok.decode([tid]), "logprob": -nll}, ensure_ascii=False) + "\n")
 
 
 def _strip_one_newline(text: str) -> str:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import stat
-import tempfile
 from pathlib import Path
 
 from .errors import InputError
+from .output import PendingFile
 from .messages import Message
 
 SAVE_FORMAT = "llmsh-chat"
@@ -33,27 +32,14 @@ def write_conversation(path, data: dict, *, force: bool = False) -> Path:
     conversation and ``force`` is false."""
     path = Path(path).expanduser()
     text = json.dumps(data, ensure_ascii=False, indent=1) + "\n"
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        mode = None
-    if mode is not None and not force and not is_saved_conversation(path):
+    if path.exists() and not force and not is_saved_conversation(path):
         raise InputError(f"{path} exists and is not a saved llmsh conversation: not overwritten")
+    pending = PendingFile(path, new_mode=0o600)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                if mode is not None:
-                    os.fchmod(f.fileno(), stat.S_IMODE(mode))
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+        pending.write(text)
+        pending.commit()
+    finally:
+        pending.discard()
     return path
 
 

@@ -11,6 +11,7 @@ from cli_fixtures import bos_model, chat_model, hf_tokenizer, llmsh_home  # noqa
 from test_cli import ok, one_line_error, run
 
 from llmsh import output
+from llmsh.errors import InputError
 
 BAD = "caf\udce9"  # what Python makes of the argv bytes b"caf\xe9" (surrogateescape)
 
@@ -220,3 +221,27 @@ def test_chat_help_lists_the_repl_slash_commands():
     with open(os.path.join(os.path.dirname(__file__), "..", "man", "llmsh.1"), encoding="utf-8") as f:
         page = f.read()
     assert "/regen" in page and "/read FILE" in page
+
+
+def test_pending_file_replaces_only_on_commit(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old\n")
+    p = output.PendingFile(target)
+    p.write("new\n")
+    p.discard()                                       # as after an error: nothing changes
+    assert target.read_text() == "old\n" and [x.name for x in tmp_path.iterdir()] == ["a.txt"]
+    p = output.PendingFile(tmp_path / "private.json", new_mode=0o600)
+    p.write("{}\n")
+    p.commit()
+    p.discard()                                       # a no-op after the commit
+    assert (tmp_path / "private.json").read_text() == "{}\n"
+    assert os.stat(tmp_path / "private.json").st_mode & 0o777 == 0o600
+    umask = os.umask(0o022)
+    try:
+        p = output.PendingFile(tmp_path / "plain.txt")
+        p.commit()
+    finally:
+        os.umask(umask)
+    assert os.stat(tmp_path / "plain.txt").st_mode & 0o777 == 0o644
+    with pytest.raises(InputError, match="cannot write"):
+        output.PendingFile(tmp_path / "missing-dir" / "x")
