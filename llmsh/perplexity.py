@@ -17,11 +17,12 @@ from torch import Tensor
 
 from .errors import InputError
 
-# Bytes of float32 logits held per forward pass when batch_size is automatic, by device type
-# (GPUs: 1 GiB). On a CPU, batching windows buys no speed (a 512-token pass already runs the GEMMs
-# at full rate; default model, 8 windows: 1 per pass 804-835 tok/s, 4 per pass 738-867) but
-# costs memory, hence one window of a 49k vocabulary.
-_LOGIT_BUDGET_BYTES = {"cpu": 1 << 26}
+# Bytes of float32 logits held per forward pass when batch_size is automatic. On a CPU, batching
+# windows buys no speed (a 512-token pass already runs the GEMMs at full rate; default model,
+# 8 windows: 1 per pass 804-835 tok/s, 4 per pass 738-867) but costs memory, hence one window
+# of a 49k vocabulary there; GPUs get 1 GiB.
+_LOGIT_BUDGET_BYTES_CPU = 1 << 26
+_LOGIT_BUDGET_BYTES_GPU = 1 << 30
 
 
 @dataclass
@@ -124,7 +125,8 @@ def _device_of(decoder) -> torch.device:
 def _auto_batch(decoder, n_scored: int) -> int:
     """Windows per forward pass so that their ``n_scored`` logits each fit the budget."""
     vocab = getattr(getattr(decoder, "config", None), "vocab_size", None) or 32000
-    budget = _LOGIT_BUDGET_BYTES.get(_device_of(decoder).type, 1 << 30)
+    cpu = _device_of(decoder).type == "cpu"
+    budget = _LOGIT_BUDGET_BYTES_CPU if cpu else _LOGIT_BUDGET_BYTES_GPU
     return max(1, min(16, budget // (max(n_scored, 1) * vocab * 4)))
 
 
