@@ -39,11 +39,11 @@ def decode_bytes_per_token(decoder, context: int) -> int:
     positions of keys and values in every layer."""
     c = decoder.config
     total = weight_bytes(decoder)
-    emb = (decoder.transformer.wte if c.is_gpt2 else decoder.model.embed_tokens).weight
+    emb = decoder.embed_tokens.weight
     if not c.tie_word_embeddings:    # an untied embedding matrix is read one row per token
         total -= emb.numel() * emb.element_size() - c.hidden_size * emb.element_size()
     for name in ("rope_cos", "rope_sin"):   # tables: one row per token
-        buf = getattr(decoder, name, None)
+        buf = getattr(decoder.backbone, name, None)
         if buf is not None:
             total -= buf.numel() * buf.element_size()
     kv_elt = torch.finfo(getattr(decoder, "compute_dtype", emb.dtype)).bits // 8

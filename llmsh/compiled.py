@@ -9,7 +9,7 @@ value of the offset except the number of visible keys L, which is a dynamic dime
 the step attends over the whole cache with a mask instead, so every shape is static and the step
 can be captured in a CUDA graph (``mode="reduce-overhead"``).
 
-Installed on a :class:`llmsh.model.Decoder` as ``decoder.decode_step``, which
+Installed on a :class:`llmsh.models.Decoder` as ``decoder.decode_step``, which
 ``Decoder.forward`` uses for one-token steps with a cache; prefill and scoring stay eager.
 """
 
@@ -21,10 +21,8 @@ import shutil
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .rope import apply_rope
 
 # max_new_tokens from which compile=None (automatic) compiles with a cold inductor cache. The
 # compile (42-52 s on 2 busy cores) saves ~8 ms/token (eager 27-30 -> 31-41 tok/s), so it pays
@@ -50,26 +48,8 @@ class DecodeStep(nn.Module):
 
     def forward(self, tokens, pos, kv_pos, ks: list[torch.Tensor], vs: list[torch.Tensor]):
         dec = self.dec
-        x = dec.model.embed_tokens(tokens)                               # (B, 1, C)
-        cos, sin = dec.rope_cos[pos], dec.rope_sin[pos]                   # (1, D)
-        n = kv_pos.shape[0]
-        visible = (kv_pos <= pos)[None] if self.full_length else None     # (1, L): a static S
-        for i, layer in enumerate(dec.model.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k, v = attn.qkv(h)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            ks[i].index_copy_(2, pos, k)
-            vs[i].index_copy_(2, pos, v)
-            mask = visible
-            if attn.window is not None:
-                near = (kv_pos > pos - attn.window)[None]                # (1, L)
-                mask = near if mask is None else mask & near
-            y = F.scaled_dot_product_attention(q, ks[i][:, :, :n], vs[i][:, :, :n], attn_mask=mask,
-                                               enable_gqa=attn.h != attn.kv)
-            x = x + attn.o_proj(y.transpose(1, 2).reshape(x.shape[0], 1, attn.h * attn.d))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return dec.lm_head(dec.model.norm(x)).float()
+        x = dec.backbone.decode_hidden(tokens, pos, kv_pos, ks, vs, self.full_length)   # (B, 1, C)
+        return dec.lm_head(dec.backbone.norm(x)).float()
 
 
 class _Installed:
@@ -107,8 +87,8 @@ class _Installed:
 
 def compile_unavailable(decoder) -> str | None:
     """Why the decode step cannot be compiled for ``decoder`` (a reason), or None if it can."""
-    if decoder.config.is_gpt2:
-        return "gpt2 models decode eagerly"
+    if not hasattr(decoder.backbone, "decode_hidden"):
+        return f"{decoder.config.model_type} models decode eagerly"
     dev = next(decoder.parameters()).device
     if dev.type == "cpu" and not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
                                   or shutil.which("clang")):
@@ -236,6 +216,6 @@ def compile_step(decoder, *, mode: str | None = None, backend: str = "inductor",
             mode = "reduce-overhead" if dev.type == "cuda" else "default"
         fn = torch.compile(step, backend=backend, mode=mode if backend == "inductor" else None,
                            fullgraph=True)
-    installed = _Installed(fn, full, decoder.rope_cos.shape[0], dev)
+    installed = _Installed(fn, full, decoder.backbone.rope_cos.shape[0], dev)
     decoder.__dict__["decode_step"] = installed
     return installed

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .models import SUPPORTED_MODEL_TYPES  # the family table (imports no torch)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 _LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 # Rope scaling types we implement, with the keys each one needs.
 _ROPE_KEYS = {

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from .errors import InputError
-from .output import PendingFile
+from .files import PendingFile
 from .messages import Message
 
 SAVE_FORMAT = "llmsh-chat"

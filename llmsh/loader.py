@@ -21,7 +21,7 @@ class LoadedModel:
     Attributes:
         path: the model folder (a converted GGUF or a pulled model lives in the cache).
         config: :class:`llmsh.config.ModelConfig`.
-        decoder: :class:`llmsh.model.Decoder`, in eval mode, on ``device`` in ``dtype``.
+        decoder: :class:`llmsh.models.Decoder`, in eval mode, on ``device`` in ``dtype``.
         tokenizer: :class:`llmsh.tokenizer.Tokenizer`.
         generation_config: the folder's generation_config.json as a dict (empty if absent).
         device, dtype: where the weights live and the compute (activation, KV cache) dtype

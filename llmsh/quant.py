@@ -166,8 +166,8 @@ def swap_modules(decoder, mode: str, dtype) -> None:
             else:
                 new = Int8Linear(k, n, bias, dtype, device="meta")
             setattr(decoder.get_submodule(parent) if parent else decoder, attr, new)
-    embed_owner = decoder.transformer if decoder.config.is_gpt2 else decoder.model
-    attr = "wte" if decoder.config.is_gpt2 else "embed_tokens"
+    embed_owner = decoder.backbone
+    attr = embed_owner.embed_name
     e = getattr(embed_owner, attr)
     setattr(embed_owner, attr, Int8Embedding(e.num_embeddings, e.embedding_dim, dtype, device="meta"))
     decoder.quantization = mode
@@ -190,5 +190,5 @@ def quantize_tensor(module: nn.Module, t: torch.Tensor, dtype) -> dict[str, torc
 def tie(decoder) -> None:
     """Point a tied ``lm_head`` (Int8Linear) at the Int8Embedding's rows and scales."""
     if decoder.config.tie_word_embeddings:
-        e = decoder.transformer.wte if decoder.config.is_gpt2 else decoder.model.embed_tokens
+        e = decoder.embed_tokens
         decoder.lm_head.weight, decoder.lm_head.scales = e.weight, e.scales

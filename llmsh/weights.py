@@ -1,4 +1,4 @@
-"""Load safetensors checkpoints into a :class:`llmsh.model.Decoder`, strictly, without pickle.
+"""Load safetensors checkpoints into a :class:`llmsh.models.Decoder`, strictly, without pickle.
 
 The checkpoint's files are found and read by :mod:`llmsh.checkpoint` (single file or shards);
 safetensors validates each file's header; tensors are then read with ``pread`` straight into
@@ -16,13 +16,17 @@ import torch
 from .config import ModelConfig
 from .checkpoint import CheckpointFile, open_checkpoint
 from .errors import WeightsError
-from .model import Decoder
+from .models import family
+from .models.decoder import Decoder
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 # gpt2 stores these as Conv1D weights, (in, out); our nn.Linear wants (out, in).
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+def _transposed(config: ModelConfig, name: str) -> bool:
+    """Whether checkpoint tensor ``name`` is stored transposed to nn.Linear's (out, in) layout."""
+    suffixes = family(config.model_type).TRANSPOSED
+    return bool(suffixes) and name.endswith(suffixes)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -66,12 +70,8 @@ def resolve_dtype(dtype: str, device) -> torch.dtype:
 
 def _our_name(config: ModelConfig, key: str) -> str | None:
     """The Decoder parameter name for checkpoint ``key``, or None for tensors we drop."""
-    if config.is_gpt2:
-        if key.endswith((".attn.bias", ".attn.masked_bias")):   # old causal-mask buffers
-            return None
-        if not key.startswith(("transformer.", "lm_head.")):     # original gpt2 has no prefix
-            key = "transformer." + key
-    elif key.endswith("rotary_emb.inv_freq"):                    # old llama checkpoints
+    key = family(config.model_type).checkpoint_name(key)
+    if key is None:
         return None
     if config.tie_word_embeddings and key == "lm_head.weight":   # transformers ignores it too
         return None
@@ -92,7 +92,7 @@ def load_state_dict(model_dir, config: ModelConfig) -> dict[str, torch.Tensor]:
             ours = _our_name(config, key)
             if ours is not None:
                 t = f.read(key)
-                out[ours] = t.t().contiguous() if config.is_gpt2 and ours.endswith(_CONV1D) else t
+                out[ours] = t.t().contiguous() if _transposed(config, ours) else t
         return out
     finally:
         for f in opened:
@@ -118,7 +118,6 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
             the device or mode does not support.
     """
     from . import quant
-    from .model import FUSED
 
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
     dt = resolve_dtype(dtype, dev)
@@ -149,7 +148,7 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
                 continue
             if ours not in expected:
                 raise WeightsError(f"{f.path}: unexpected tensor {ours!r} for a {config.model_type} model")
-            shape = f.shape(key)[::-1] if config.is_gpt2 and ours.endswith(_CONV1D) else f.shape(key)
+            shape = f.shape(key)[::-1] if _transposed(config, ours) else f.shape(key)
             if shape != expected[ours]:
                 raise WeightsError(f"{f.path}: tensor {ours!r} has shape {shape}, "
                                    f"config expects {expected[ours]}")
@@ -163,7 +162,7 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
         for name in expected:
             target, rank = name, 0
             if decoder.fused:
-                for fused, members in FUSED.items():
+                for fused, members in family(config.model_type).FUSED.items():
                     for j, m in enumerate(members):
                         if f".{m}." in name:
                             target, rank = name.replace(m, fused), j
@@ -199,7 +198,7 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
         for f in opened:
             f.close()
     if config.tie_word_embeddings:
-        embed = "transformer.wte" if config.is_gpt2 else "model.embed_tokens"
+        embed = f"{decoder.prefix}.{decoder.backbone.embed_name}"
         for k in [k for k in state if k.startswith(embed + ".")]:
             state["lm_head." + k.rsplit(".", 1)[1]] = state[k]
     decoder.load_state_dict(state, strict=True, assign=True)
@@ -222,7 +221,7 @@ def _read(parts, expected, config: ModelConfig, dtype, jobs: list | None = None)
     for f, key, name in parts:
         n = expected[name][0] if shape else None
         dest = out[r:r + n] if shape else out
-        if config.is_gpt2 and name.endswith(_CONV1D):
+        if _transposed(config, name):
             job = (lambda f, key, dest: lambda: dest.copy_(f.read(key).t()))(f, key, dest)
         else:
             job = (lambda f, key, dest: lambda: f.read_into(key, dest))(f, key, dest)
@@ -245,7 +244,7 @@ def _read_int8(parts, expected, config: ModelConfig, dtype) -> dict[str, torch.T
     r = 0
     for f, key, name in parts:
         n = expected[name][0]
-        whole = f.read(key).t() if config.is_gpt2 and name.endswith(_CONV1D) else None
+        whole = f.read(key).t() if _transposed(config, name) else None
         for b in range(0, n, step):
             e = min(b + step, n)
             w = scratch[:e - b]

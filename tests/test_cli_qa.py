@@ -10,8 +10,9 @@ import pytest
 from cli_fixtures import bos_model, chat_model, hf_tokenizer, llmsh_home  # noqa: F401
 from test_cli import ok, one_line_error, run
 
-from llmsh import output
+from llmsh.cli import output
 from llmsh.errors import InputError
+from llmsh.files import PendingFile
 
 BAD = "caf\udce9"  # what Python makes of the argv bytes b"caf\xe9" (surrogateescape)
 
@@ -42,7 +43,7 @@ def test_options_only_on_a_terminal_start_chat(chat_model, llmsh_home, terminal,
     def fake_chat(lm, **kw):
         seen.update(kw)
         return 0
-    monkeypatch.setattr("llmsh.repl.run_chat", fake_chat)
+    monkeypatch.setattr("llmsh.cli.repl.run_chat", fake_chat)
     ok(["-m", str(chat_model), "--n-ctx", "64", "--no-history"])
     assert seen["n_ctx"] == 64 and seen["history"] is False
 
@@ -116,7 +117,7 @@ def test_conflicting_or_bad_options_are_usage_errors(args, fragment, chat_model,
 
 
 def test_per_token_path_checked_before_the_model_loads(tmp_path, llmsh_home, monkeypatch):
-    monkeypatch.setattr("llmsh.cli_score.load", lambda *a: pytest.fail("loaded the model first"))
+    monkeypatch.setattr("llmsh.cli.score.load", lambda *a: pytest.fail("loaded the model first"))
     one_line_error(run(["ppl", "--per-token", str(tmp_path / "nonexist" / "x.jsonl")], input="text\n"),
                    "cannot write", "nonexist")
 
@@ -213,7 +214,7 @@ def test_convert_into_an_existing_empty_folder(tmp_path, llmsh_home, monkeypatch
 
 
 def test_chat_help_lists_the_repl_slash_commands():
-    from llmsh.repl import COMMANDS
+    from llmsh.cli.repl import COMMANDS
 
     text = ok(["chat", "--help"]).stdout
     for name in COMMANDS:
@@ -226,11 +227,11 @@ def test_chat_help_lists_the_repl_slash_commands():
 def test_pending_file_replaces_only_on_commit(tmp_path):
     target = tmp_path / "a.txt"
     target.write_text("old\n")
-    p = output.PendingFile(target)
+    p = PendingFile(target)
     p.write("new\n")
     p.discard()                                       # as after an error: nothing changes
     assert target.read_text() == "old\n" and [x.name for x in tmp_path.iterdir()] == ["a.txt"]
-    p = output.PendingFile(tmp_path / "private.json", new_mode=0o600)
+    p = PendingFile(tmp_path / "private.json", new_mode=0o600)
     p.write("{}\n")
     p.commit()
     p.discard()                                       # a no-op after the commit
@@ -238,10 +239,10 @@ def test_pending_file_replaces_only_on_commit(tmp_path):
     assert os.stat(tmp_path / "private.json").st_mode & 0o777 == 0o600
     umask = os.umask(0o022)
     try:
-        p = output.PendingFile(tmp_path / "plain.txt")
+        p = PendingFile(tmp_path / "plain.txt")
         p.commit()
     finally:
         os.umask(umask)
     assert os.stat(tmp_path / "plain.txt").st_mode & 0o777 == 0o644
     with pytest.raises(InputError, match="cannot write"):
-        output.PendingFile(tmp_path / "missing-dir" / "x")
+        PendingFile(tmp_path / "missing-dir" / "x")

@@ -1,4 +1,4 @@
-"""man/llmsh.1 must be what llmsh.manpage generates from the click definitions now."""
+"""man/llmsh.1 must be what llmsh.cli.manpage generates from the click definitions now."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from llmsh.cli import cli
-from llmsh.manpage import render
+from llmsh.cli.manpage import render
 
 MAN = Path(__file__).resolve().parent.parent / "man" / "llmsh.1"
 
@@ -15,7 +15,7 @@ MAN = Path(__file__).resolve().parent.parent / "man" / "llmsh.1"
 def test_man_page_is_up_to_date():
     assert MAN.read_text(encoding="utf-8") == render(), (
         "man/llmsh.1 is out of step with the click definitions: run "
-        "`python -m llmsh.manpage man/llmsh.1` and commit the result")
+        "`python -m llmsh.cli.manpage man/llmsh.1` and commit the result")
 
 
 def test_man_page_documents_every_command_and_option():
@@ -32,6 +32,6 @@ def test_man_page_documents_every_command_and_option():
 
 
 def test_troff_escaping():
-    from llmsh.manpage import escape
+    from llmsh.cli.manpage import escape
 
     assert escape(".start\n'quote\nback\\slash -x") == "\\&.start\n\\&'quote\nback\\eslash \\-x"

@@ -193,7 +193,7 @@ def test_tied_lm_head_shares_the_embedding(models):
     for arch in ("llama_bias_tied", "qwen2", "gpt2"):
         config, dec, *_ = models[arch]
         assert config.tie_word_embeddings
-        embed = dec.transformer.wte if config.is_gpt2 else dec.model.embed_tokens
+        embed = dec.embed_tokens
         assert dec.lm_head.weight is embed.weight
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from cli_fixtures import chat_model  # noqa: F401  (fixture)
 from llmsh.errors import InputError
-from llmsh.repl import EXIT_HINT, _completer, read_message, run_chat
+from llmsh.cli.repl import EXIT_HINT, _completer, read_message, run_chat
 from llmsh.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -242,7 +242,7 @@ def test_history_file_is_private(lm, tmp_path):
 
 
 def test_default_history_location_follows_xdg(monkeypatch, tmp_path):
-    from llmsh.repl import history_path
+    from llmsh.cli.repl import history_path
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     if sys.platform.startswith("linux"):

@@ -72,7 +72,7 @@ def test_bfloat16_cast(tmp_path):
     path, hf = make_tiny_model("llama_bias_tied", tmp_path)
     dec = load_decoder(path, ModelConfig.from_file(path), device="cpu", dtype="bfloat16")
     assert {p.dtype for p in dec.parameters()} == {torch.bfloat16}
-    assert dec.rope_cos.dtype == torch.bfloat16
+    assert dec.backbone.rope_cos.dtype == torch.bfloat16
     assert dec.lm_head.weight is dec.model.embed_tokens.weight
     assert not any(p.requires_grad for p in dec.parameters()) and not dec.training
     hf_bf16 = hf.to(torch.bfloat16)

@@ -141,7 +141,7 @@ def random_tokens(vocab_size: int, length: int, batch: int = 1, seed: int = 1) -
 def our_decoder(hf_model, path):
     """Our Decoder with the transformers model's weights (float32, CPU)."""
     from llmsh.config import ModelConfig
-    from llmsh.model import Decoder
+    from llmsh.models import Decoder
 
     cfg = ModelConfig.from_file(path)
     dec = Decoder(cfg)

@@ -5,8 +5,8 @@ directory, ``\\`` and ``\"\"\"`` multi-line input, bracketed paste, tab completi
 Without one (``echo hi | llmsh chat``): the whole of stdin is one message, the reply is printed,
 and the function returns 0. Model text goes to stdout; notices, errors and statistics to stderr;
 colour only on a terminal without NO_COLOR. The conversation itself lives in
-:class:`llmsh.session.ChatSession`; the slash commands in :mod:`llmsh.repl_commands`; reply and
-notice printing in :mod:`llmsh.repl_output`. This module reads the input and runs the loop.
+:class:`llmsh.session.ChatSession`; the slash commands in :mod:`llmsh.cli.repl_commands`; reply and
+notice printing in :mod:`llmsh.cli.repl_output`. This module reads the input and runs the loop.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import InputError, LlmshError
+from ..errors import InputError, LlmshError
 from .repl_commands import ALIASES, COMMANDS, FORCED, PARAMS, SlashCommands, context_text, preview
 from .repl_output import Printer, print_reply, stats_line
-from .session import ChatSession
+from ..session import ChatSession
 
 # Re-exported: the CLI and tests import these from here.
 __all__ = ["run_chat", "read_message", "history_path", "COMMANDS", "ALIASES", "FORCED", "PARAMS",
@@ -154,7 +154,7 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
     stdin = stdin if stdin is not None else sys.stdin
     p = Printer(stdout if stdout is not None else sys.stdout, stderr if stderr is not None else sys.stderr)
     if params is None:
-        from .sampling import SamplingParams
+        from ..sampling import SamplingParams
 
         params = SamplingParams.from_generation_config(model.generation_config)
     session = ChatSession(model, system=system, params=params, max_tokens=max_tokens, n_ctx=n_ctx,

@@ -11,7 +11,7 @@ import sys
 import click
 
 from . import output
-from .cli_common import CONTEXT_SETTINGS, model_options, quantize_option
+from .common import CONTEXT_SETTINGS, model_options, quantize_option
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -46,11 +46,11 @@ def bench(model, device, dtype, prompt_tokens, new_tokens, repetitions, quantize
 
     import torch
 
-    from . import hub
-    from .bench import format_bench, run_bench
-    from .config import ModelConfig
-    from .loader import LoadedModel
-    from .weights import load_decoder
+    from .. import hub
+    from ..bench import format_bench, run_bench
+    from ..config import ModelConfig
+    from ..loader import LoadedModel
+    from ..weights import load_decoder
 
     if threads:
         torch.set_num_threads(threads)

@@ -20,15 +20,16 @@ import sys
 
 import click
 
-from . import __version__, output
-from .cli_common import (CONTEXT_SETTINGS, arg_text, compile_option, encode_chat, errors_option, load,
+from .. import __version__
+from . import output
+from .common import (CONTEXT_SETTINGS, arg_text, compile_option, encode_chat, errors_option, load,
                          model_options, quantize_option, read_prompt, sampling_options, sampling_params,
                          setup_decoding, stop_option, timings)
-from .errors import InputError, LlmshError
+from ..errors import InputError, LlmshError
 
 # Commands that live in their own modules, imported only when used (or listed by --help).
 # issue 5: a module llmsh/cli_bench.py defining the click command `bench` is picked up here.
-_LAZY_COMMANDS = {"bench": ("llmsh.cli_bench", "bench")}
+_LAZY_COMMANDS = {"bench": ("llmsh.cli.bench", "bench")}
 _ALIASES = {"ppl": "perplexity"}
 EXIT_INTERRUPT = 130
 
@@ -221,9 +222,9 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
     output.input_errors = errors
     text = read_prompt(prompt, errors)  # before torch is imported: bad input fails at once
     system = None if system is None else arg_text(system, "the --system value", errors)
-    from .cache import KVCache
-    from .generate import GenerationStats, generate_text
-    from .session import DEFAULT_N_CTX_CAP
+    from ..cache import KVCache
+    from ..generate import GenerationStats, generate_text
+    from ..session import DEFAULT_N_CTX_CAP
 
     lm = load(model, device, dtype, quantize)
     tok = lm.tokenizer
@@ -334,8 +335,8 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
                     stdin=io.StringIO(piped) if piped is not None else None)
 
 
-from .cli_models import convert, info, models, pull  # noqa: E402  (they use the helpers above)
-from .cli_score import perplexity, tokenize  # noqa: E402
+from .manage import convert, info, models, pull  # noqa: E402  (they use the helpers above)
+from .score import perplexity, tokenize  # noqa: E402
 
 for _cmd in (perplexity, tokenize, info, models, pull, convert):
     cli.add_command(_cmd)

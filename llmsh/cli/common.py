@@ -119,7 +119,7 @@ def sampling_options(f):
 
 def sampling_params(generation_config: dict, **overrides):
     """SamplingParams from the model's generation_config.json, then the command-line values."""
-    from .sampling import SamplingParams
+    from ..sampling import SamplingParams
 
     try:
         return SamplingParams.from_generation_config(generation_config, **overrides)
@@ -129,7 +129,7 @@ def sampling_params(generation_config: dict, **overrides):
 
 def load(model, device: str, dtype: str, quantize: str | None = None):
     """Load a model for a command; notices (auto-pull, conversion) go to stderr."""
-    from .loader import load_model
+    from ..loader import load_model
 
     return load_model(model, device=device, dtype=dtype, notice=output.notice,
                       quantize=None if quantize in (None, "none") else quantize)
@@ -160,7 +160,7 @@ def setup_decoding(lm, max_new_tokens: int | None, compile_: bool | None) -> Non
     :func:`llmsh.compiled.setup_decoder`); a fallback to eager decoding is one notice."""
     if compile_ is False or (compile_ is None and not max_new_tokens):
         return
-    from .compiled import AUTO_COMPILE_WARM_MIN_TOKENS, setup_decoder
+    from ..compiled import AUTO_COMPILE_WARM_MIN_TOKENS, setup_decoder
 
     if compile_ is None and max_new_tokens < AUTO_COMPILE_WARM_MIN_TOKENS:
         return                 # nothing to import or decide: the common, eager case
@@ -178,7 +178,7 @@ def read_prompt(args: tuple[str, ...], errors: str = "strict") -> str:
     Raises:
         InputError: both are empty, or stdin or an argument is not valid UTF-8 (errors="strict").
     """
-    from .errors import InputError
+    from ..errors import InputError
 
     text = arg_text(" ".join(args), "the prompt argument", errors)
     if not output.stdin_is_terminal():
@@ -214,7 +214,7 @@ def encode_chat(lm, messages: list[dict]) -> list[int]:
     """Token ids of ``messages`` through the model's chat template (or the fallback, with a
     notice), ready for generation: markup special tokens parsed, message contents taken literally
     (so typed ``<|im_end|>`` stays text), exactly as ``llmsh chat`` encodes a conversation."""
-    from .session import Message, encode_messages
+    from ..session import Message, encode_messages
 
     if lm.tokenizer.chat_template is None:
         output.notice("the model has no chat template; using a plain fallback template")

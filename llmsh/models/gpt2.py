@@ -1,14 +1,20 @@
-"""GPT-2's blocks (learned positions, LayerNorm, GELU MLP, fused c_attn), as transformers'
-``GPT2LMHeadModel``. Conv1D weights are stored transposed into nn.Linear layout by
-:mod:`llmsh.weights`. Shapes as in :mod:`llmsh.model`.
+"""The gpt2 family (learned positions, LayerNorm, GELU MLP, fused c_attn), as transformers'
+``GPT2LMHeadModel``. Conv1D weights (``TRANSPOSED``) are stored transposed into nn.Linear
+layout by :mod:`llmsh.weights`, so every projection is an ``nn.Linear``. Shapes as in
+:mod:`llmsh.models.llama`; the family interface is described in :mod:`llmsh.models`.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .layers import act_fn, embedding, sdpa
+
+PREFIX = "transformer"
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+FUSED: dict = {}
 
 
 class GPT2Attention(nn.Module):
@@ -61,3 +67,50 @@ class GPT2Model(nn.Module):
         self.wpe = embedding(c.max_position_embeddings, c.hidden_size)
         self.h = nn.ModuleList(GPT2Block(c, i) for i in range(c.num_hidden_layers))
         self.ln_f = nn.LayerNorm(c.hidden_size, eps=c.rms_norm_eps)
+
+    embed_name = "wte"
+    windows = frozenset({None})
+    fused = False                      # c_attn is fused in the checkpoint already
+
+    @property
+    def max_positions(self) -> int:
+        """Learned positions cannot be extended past the table."""
+        return self.wpe.num_embeddings
+
+    def fuse(self) -> None:
+        pass
+
+    def ensure_positions(self, n: int) -> None:
+        pass
+
+    def forward(self, tokens, offset: int, cache, masks: dict):
+        """Hidden states (B, T, C) before ``ln_f`` for tokens (B, T) at positions offset..
+
+        Raises:
+            ValueError: a position is past ``max_position_embeddings``.
+        """
+        t = tokens.shape[1]
+        if offset + t > self.max_positions:
+            raise ValueError(f"gpt2 supports {self.max_positions} positions, got {offset + t}")
+        pos = torch.arange(offset, offset + t, device=tokens.device)
+        x = self.wte(tokens) + self.wpe(pos)                                  # (B, T, C)
+        for block in self.h:
+            x = block(x, cache, masks)
+        return x
+
+    @property
+    def norm(self):
+        return self.ln_f
+
+
+def checkpoint_name(key: str) -> str | None:
+    """Our parameter name for checkpoint ``key`` (None: a tensor we drop): the ``transformer.``
+    prefix added where the original gpt2 files lack it, old causal-mask buffers dropped."""
+    if key.endswith((".attn.bias", ".attn.masked_bias")):
+        return None
+    if not key.startswith(("transformer.", "lm_head.")):
+        key = "transformer." + key
+    return key
+
+
+Backbone = GPT2Model

@@ -1,6 +1,6 @@
 """The chat shell's slash commands (``/help``, ``/set``, ``/save``, ...): names, help and handlers.
 
-Part of the REPL (:mod:`llmsh.repl`, which reads the lines and completes these names); the
+Part of the REPL (:mod:`llmsh.cli.repl`, which reads the lines and completes these names); the
 conversation itself is :class:`llmsh.session.ChatSession`.
 """
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
-from .errors import InputError
+from ..errors import InputError
 from .repl_output import Printer, print_reply
-from .session import ChatSession
+from ..session import ChatSession
 
 
 def _seed(s: str) -> int | None:

@@ -8,7 +8,7 @@ import json
 import click
 
 from . import output
-from .cli_common import CONTEXT_SETTINGS, load, model_options, quantize_option
+from .common import CONTEXT_SETTINGS, load, model_options, quantize_option
 
 
 def _json_line(obj) -> None:
@@ -94,7 +94,7 @@ def models(as_json):
       llmsh models
       llmsh models --json | jq -r .path
     """
-    from . import hub
+    from .. import hub
 
     local = hub.list_models()
     rows = [{"name": m.name, "path": str(m.path), "size_bytes": m.size_bytes, "source": m.source,
@@ -155,7 +155,7 @@ def pull(name, force):
       llmsh pull
       llmsh pull smollm2-135m-instruct --force
     """
-    from . import hub
+    from .. import hub
 
     name = name or hub.DEFAULT_MODEL
     entry = hub.load_registry().get(name)
@@ -186,8 +186,8 @@ def convert(gguf_file, out_dir, dtype, force):
     """
     import os
 
-    from .convert import convert_gguf
-    from .errors import ConvertError
+    from ..convert import convert_gguf
+    from ..errors import ConvertError
 
     if os.path.isdir(out_dir) and not force:
         try:

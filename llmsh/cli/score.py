@@ -9,8 +9,9 @@ import re
 import click
 
 from . import output
-from .cli_common import CONTEXT_SETTINGS, arg_text, errors_option, load, model_options, quantize_option
-from .errors import InputError
+from .common import CONTEXT_SETTINGS, arg_text, errors_option, load, model_options, quantize_option
+from ..errors import InputError
+from ..files import PendingFile
 
 # The default protocol scores positions n_ctx/2 .. n_ctx-2 of each window: at least one at 4.
 MIN_N_CTX = 4
@@ -68,7 +69,7 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
       llmsh perplexity --stride 256 --n-ctx 512 book.txt
       llmsh ppl --each-line --json < sentences.txt | jq .perplexity
     """
-    from .perplexity import combine, perplexity_lines, perplexity_llamacpp, perplexity_sliding
+    from ..perplexity import combine, perplexity_lines, perplexity_llamacpp, perplexity_sliding
 
     if stride is not None and all_tokens:
         raise click.UsageError("--stride and --all-tokens are different protocols: use one")
@@ -84,7 +85,7 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
              for s in sources]
     per_token_file = None
     if per_token:       # created now, to fail before the model loads; FILE replaced only at the end
-        per_token_file = output.PendingFile(per_token)
+        per_token_file = PendingFile(per_token)
         click.get_current_context().call_on_close(per_token_file.discard)
     lm = load(model, device, dtype, quantize)
     tok = lm.tokenizer
@@ -135,7 +136,7 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
             click.echo(_result_line("total", total))
 
 
-def _write_per_token(out: output.PendingFile, results, tok) -> None:
+def _write_per_token(out: PendingFile, results, tok) -> None:
     for source, r in results:
         for pos, tid, nll in zip(r.token_positions or [], r.token_ids or [], r.token_nll or []):
             out.write(json.dumps({"source": source, "position": pos, "id": tid,
@@ -249,8 +250,8 @@ def _load_tokenizer_only(model, device, dtype):
     """tokenize needs only the tokenizer, but -m resolution (pull, .gguf conversion) is shared."""
     from types import SimpleNamespace
 
-    from .hub import resolve_model
-    from .tokenizer import Tokenizer
+    from ..hub import resolve_model
+    from ..tokenizer import Tokenizer
 
     path = resolve_model(model, notice=output.notice)
     return SimpleNamespace(tokenizer=Tokenizer.from_dir(path), path=path)

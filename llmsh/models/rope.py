@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:

@@ -1,12 +1,12 @@
 """Where the chat shell's text goes: replies on stdout as they stream, everything else on stderr.
 
-Part of the REPL (:mod:`llmsh.repl`): with :mod:`llmsh.repl_commands`, the only chat code that
+Part of the REPL (:mod:`llmsh.cli.repl`): with :mod:`llmsh.cli.repl_commands`, the only chat code that
 writes to the terminal. Colour (rich) only on a colour terminal without NO_COLOR.
 """
 
 from __future__ import annotations
 
-from .session import ChatSession
+from ..session import ChatSession
 
 
 class Printer:
@@ -41,7 +41,7 @@ class Printer:
 
 
 def stats_line(session: ChatSession) -> str:
-    """The ``--stats`` line after a reply, in :func:`llmsh.output.stats_line`'s format (shared with
+    """The ``--stats`` line after a reply, in :func:`llmsh.cli.output.stats_line`'s format (shared with
     ``generate --stats``); its context figure is :attr:`ChatSession.context_used`, as in ``/show``."""
     from .output import stats_line as format_stats
 
