@@ -105,6 +105,32 @@ def read_file(path: str, *, errors: str | None = None) -> str:
     return decode_bytes(data, errors=errors, source=path)
 
 
+class StdoutFile:
+    """The ``-`` of a FILE option that writes (``--per-token -``): stdout, with the interface of
+    :class:`llmsh.files.PendingFile` (write, commit = flush, discard = nothing)."""
+
+    def write(self, text: str) -> None:
+        stdout().write(text)
+
+    def commit(self) -> None:
+        stdout().flush()
+
+    def discard(self) -> None:
+        pass
+
+
+def output_file(path: str, *, inputs=()):
+    """A FILE option's writer: stdout for ``-``, else a :class:`llmsh.files.PendingFile`
+    (replaced on commit, devices written through, ``inputs`` refused).
+
+    Raises:
+        InputError: see :class:`~llmsh.files.PendingFile`.
+    """
+    from ..files import PendingFile
+
+    return StdoutFile() if path == "-" else PendingFile(path, inputs=inputs)
+
+
 class StreamWriter:
     """Writes streamed model text to stdout as it comes, and ends the output with a newline.
 

@@ -11,7 +11,6 @@ import click
 from . import output
 from .common import CONTEXT_SETTINGS, arg_text, errors_option, load, model_options, quantize_option
 from ..errors import InputError
-from ..files import PendingFile
 
 # The default protocol scores positions n_ctx/2 .. n_ctx-2 of each window: at least one at 4.
 MIN_N_CTX = 4
@@ -48,8 +47,10 @@ def _result_line(source, r) -> str:
 @click.option("--all-tokens", is_flag=True, help="Score every position of each window, not only the second half.")
 @click.option("--each-line", is_flag=True, help="Score each input line as its own text (one result per line).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file (or line).")
-@click.option("--per-token", "per_token", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
-              help="Write every scored token as JSONL (source, position, id, text, logprob) to FILE.")
+@click.option("--per-token", "per_token", type=click.Path(dir_okay=False, allow_dash=True), metavar="FILE",
+              help="Write every scored token as JSONL (source, position, id, text, logprob) to FILE "
+                   "(- for stdout). A regular file is replaced only when scoring succeeds; a device "
+                   "or FIFO is written through; a link is followed; an input FILE is refused.")
 @errors_option
 @quantize_option
 def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line, as_json, per_token, errors,
@@ -84,8 +85,8 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
     texts = [(s if s != "-" else "<stdin>", _strip_one_newline(output.read_file(s, errors=errors)))
              for s in sources]
     per_token_file = None
-    if per_token:       # created now, to fail before the model loads; FILE replaced only at the end
-        per_token_file = PendingFile(per_token)
+    if per_token is not None:  # opened now, to fail before the model loads; replaced only at the end
+        per_token_file = output.output_file(per_token, inputs=sources)
         click.get_current_context().call_on_close(per_token_file.discard)
     lm = load(model, device, dtype, quantize)
     tok = lm.tokenizer
@@ -102,11 +103,11 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
                 ids = [tok.encode(line) for line in lines]
                 rs = perplexity_lines(lm.decoder, ids, n_ctx, pad_id=tok.pad_token_id or 0,
                                       n_bytes=[len(line.encode()) for line in lines],
-                                      per_token=bool(per_token), progress=progress)
+                                      per_token=per_token is not None, progress=progress)
                 results += [(f"{source}:{i + 1}", r) for i, r in enumerate(rs)]
                 continue
             ids = tok.encode(text)
-            common = dict(n_bytes=len(text.encode()), per_token=bool(per_token), progress=progress)
+            common = dict(n_bytes=len(text.encode()), per_token=per_token is not None, progress=progress)
             try:
                 if stride is not None:
                     r = perplexity_sliding(lm.decoder, ids, n_ctx, stride, **common)
@@ -136,7 +137,7 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
             click.echo(_result_line("total", total))
 
 
-def _write_per_token(out: PendingFile, results, tok) -> None:
+def _write_per_token(out, results, tok) -> None:
     for source, r in results:
         for pos, tid, nll in zip(r.token_positions or [], r.token_ids or [], r.token_nll or []):
             out.write(json.dumps({"source": source, "position": pos, "id": tid,
