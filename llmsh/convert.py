@@ -41,6 +41,7 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+SOURCE_FILE = "llmsh-source.json"  # provenance in every folder llmsh writes (hub.SOURCE_FILE too)
 TOKEN_TYPE_CONTROL = 3  # llama.cpp LLAMA_TOKEN_TYPE_CONTROL
 TOKEN_TYPE_USER_DEFINED = 4
 
@@ -286,6 +287,9 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
         for name, data in _tokenizer_files(meta).items():
             (work / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         tokenizer.save(str(work / "tokenizer.json"))
+        # Provenance: the mark that lets `convert --force` replace this folder (and nothing else).
+        (work / SOURCE_FILE).write_text(json.dumps({"converted_from": str(gguf_path.resolve()),
+                                                    "dtype": dtype}, indent=2) + "\n")
         _write_safetensors(work / "model.safetensors", reader, plan, dtype, cfg, progress)
         del reader, plan  # release the memory map before renaming (Windows)
         if out_dir.exists():

@@ -210,7 +210,15 @@ def test_convert_into_an_existing_empty_folder(tmp_path, llmsh_home, monkeypatch
     full.mkdir()
     (full / "x").write_text("x")
     one_line_error(run(["convert", str(gguf), str(full)]), "not empty", "--force")
+    # --force replaces only a folder llmsh wrote (issue 9: a typo must not be rm -rf ~/Documents).
+    one_line_error(run(["convert", str(gguf), str(full), "--force"]), "not written by llmsh")
+    assert (full / "x").read_text() == "x"
+    (full / "llmsh-source.json").write_text("{}")
     ok(["convert", str(gguf), str(full), "--force"])
+    monkeypatch.chdir(full)
+    for d in (".", ".."):
+        one_line_error(run(["convert", str(gguf), d, "--force"]), "current folder")
+    assert (full / "x").read_text() == "x"
 
 
 def test_chat_help_lists_the_repl_slash_commands():

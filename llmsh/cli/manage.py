@@ -173,7 +173,8 @@ def pull(name, force):
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="dtype of the written weights (Q4/Q8 values are exact in float32).")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if llmsh wrote it (it holds llmsh-source.json); "
+                                           "any other non-empty folder is refused.")
 def convert(gguf_file, out_dir, dtype, force):
     """Convert a GGUF file into a Hugging Face-style model folder (safetensors + tokenizer.json).
 
@@ -189,6 +190,17 @@ def convert(gguf_file, out_dir, dtype, force):
     from ..convert import convert_gguf
     from ..errors import ConvertError
 
+    from ..convert import SOURCE_FILE
+
+    here = os.path.realpath(os.getcwd())
+    real = os.path.realpath(out_dir)
+    if os.path.isdir(out_dir) and (here == real or here.startswith(real.rstrip(os.sep) + os.sep)):
+        raise ConvertError(f"output folder {out_dir} is the current folder or one above it: "
+                           "give a new folder")
+    if force and os.path.isdir(out_dir) and os.listdir(out_dir) \
+            and not os.path.isfile(os.path.join(out_dir, SOURCE_FILE)):
+        raise ConvertError(f"output folder {out_dir} is not empty and was not written by llmsh "
+                           f"(no {SOURCE_FILE}): --force replaces only llmsh's own folders")
     if os.path.isdir(out_dir) and not force:
         try:
             empty = not os.listdir(out_dir)
