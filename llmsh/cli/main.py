@@ -98,10 +98,19 @@ class LlmshGroup(click.Group):
         except LlmshError as e:
             output.error(str(e))
             code = e.exit_code
+        except UnicodeEncodeError as e:
+            # A stdout encoding that cannot hold the text (PYTHONIOENCODING=latin-1, LANG=C on old
+            # Pythons): say how to fix it rather than write bytes the terminal would garble.
+            output.error(f"the output encoding ({e.encoding}) cannot hold the text: use a UTF-8 "
+                         "locale or PYTHONIOENCODING=utf-8")
+            code = 1
         except OSError as e:
-            if e.errno != errno.EPIPE:
-                raise
-            code = _broken_pipe()
+            if e.errno == errno.EPIPE:
+                code = _broken_pipe()
+            else:  # stdout on a full disk (> /dev/full), an I/O error...
+                output.error(f"cannot write {e.filename or 'the output'}: {e.strerror or e}")
+                _broken_pipe()  # drop what is still buffered, so exit does not fail again
+                code = 1
         if not standalone_mode:
             return code
         sys.exit(code)

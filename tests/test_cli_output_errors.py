@@ -1,0 +1,37 @@
+"""Output that cannot be written is one line on stderr and a non-zero exit, never a traceback:
+stdout on a full disk (/dev/full) and a stdout encoding that cannot hold the text (issue 9)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cli_fixtures import chat_model  # noqa: F401
+from test_cli_subprocess import ROOT, env, llmsh  # noqa: F401
+
+
+def _one_line(r, fragment):
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith(b"llmsh: error: ") and r.stderr.count(b"\n") == 1, r.stderr
+    assert fragment in r.stderr and b"Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+@pytest.mark.parametrize("args, stdin", [
+    (["generate", "-n", "20", "hi"], b""),
+    (["tokenize", "hello"], b""),
+    (["ppl", "--each-line"], b"hello world\n"),
+])
+def test_stdout_on_a_full_disk(args, stdin, chat_model, env):
+    with open("/dev/full", "wb") as full:
+        import subprocess
+        import sys
+        r = subprocess.run([sys.executable, "-m", "llmsh", args[0], "-m", str(chat_model), *args[1:]],
+                           input=stdin, stdout=full, stderr=subprocess.PIPE, env=env, cwd=ROOT, timeout=120)
+    _one_line(r, b"No space left on device")
+
+
+def test_stdout_encoding_that_cannot_hold_the_text(chat_model, env):
+    r = llmsh(["tokenize", "-m", str(chat_model), "--pieces", "你好"], env=dict(env, PYTHONIOENCODING="latin-1"))
+    _one_line(r, b"PYTHONIOENCODING=utf-8")
