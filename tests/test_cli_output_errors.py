@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cli_fixtures import chat_model  # noqa: F401
+from cli_fixtures import chat_model, llmsh_home  # noqa: F401
 from test_cli_subprocess import ROOT, env, llmsh  # noqa: F401
 
 
@@ -35,3 +35,16 @@ def test_stdout_on_a_full_disk(args, stdin, chat_model, env):
 def test_stdout_encoding_that_cannot_hold_the_text(chat_model, env):
     r = llmsh(["tokenize", "-m", str(chat_model), "--pieces", "你好"], env=dict(env, PYTHONIOENCODING="latin-1"))
     _one_line(r, b"PYTHONIOENCODING=utf-8")
+
+
+def test_each_line_ignores_crlf_and_refuses_empty_input(chat_model, llmsh_home):  # noqa: F811
+    import json
+
+    from test_cli import ok, one_line_error, run
+
+    m = ["ppl", "-m", str(chat_model), "--each-line", "--json"]
+    lf = [json.loads(x) for x in ok(m, input="hello world\nthe quick fox\n").stdout.splitlines()]
+    crlf = [json.loads(x) for x in ok(m, input="hello world\r\nthe quick fox\r\n").stdout.splitlines()]
+    assert [r["n_tokens"] for r in crlf] == [r["n_tokens"] for r in lf]
+    assert [r["perplexity"] for r in crlf] == pytest.approx([r["perplexity"] for r in lf])
+    one_line_error(run(m, input=""), "<stdin>: empty input")

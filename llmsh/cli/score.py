@@ -45,7 +45,8 @@ def _result_line(source, r) -> str:
 @click.option("--stride", type=click.IntRange(1), default=None, metavar="S",
               help="Hugging Face sliding-window protocol: windows of n_ctx tokens every S tokens.")
 @click.option("--all-tokens", is_flag=True, help="Score every position of each window, not only the second half.")
-@click.option("--each-line", is_flag=True, help="Score each input line as its own text (one result per line).")
+@click.option("--each-line", is_flag=True, help="Score each input line (LF or CRLF ending) as its own "
+                                                "text, one result per line; empty input is an error.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file (or line).")
 @click.option("--per-token", "per_token", type=click.Path(dir_okay=False, allow_dash=True), metavar="FILE",
               help="Write every scored token as JSONL (source, position, id, text, logprob) to FILE "
@@ -99,7 +100,10 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
     with output.progress("scoring") as progress:
         for source, text in texts:
             if each_line:
-                lines = text.split("\n")
+                if not text:  # not a phantom "<stdin>:1" of an empty line
+                    raise InputError(f"{source}: empty input, no lines to score")
+                # A CRLF line's "\r" is the line ending, not text to score.
+                lines = [line.removesuffix("\r") for line in text.split("\n")]
                 ids = [tok.encode(line) for line in lines]
                 rs = perplexity_lines(lm.decoder, ids, n_ctx, pad_id=tok.pad_token_id or 0,
                                       n_bytes=[len(line.encode()) for line in lines],
