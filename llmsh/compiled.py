@@ -129,7 +129,7 @@ def setup_decoder(decoder, *, max_new_tokens: int = 0, compile: bool | None = No
         return {"compiled": False, "compile_s": 0.0, "reason": None, "cache": "cold"}
     cache_dir = inductor_cache_dir()
     if notice:      # a cold compile is a minute of silence otherwise
-        notice("compiling the decode step " + ("(cached: a few seconds)" if warm else
+        notice("compiling the decode step " + ("(cached: about 15-20 s on CPU)" if warm else
                                                "(first time for this model: about a minute)"))
     t0 = time.perf_counter()
     try:

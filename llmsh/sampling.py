@@ -54,7 +54,7 @@ class SamplingParams:
             return float(v)
 
         if not (0.0 <= real("temperature") < math.inf):
-            raise bad("temperature", ">= 0 (0 means greedy)")
+            raise bad("temperature", "a finite number >= 0 (0 means greedy)")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise bad("top_k", "an integer >= 0 (0 disables top-k)")
         if not (0.0 <= real("top_p") <= 1.0):
@@ -62,7 +62,7 @@ class SamplingParams:
         if not (0.0 <= real("min_p") <= 1.0):
             raise bad("min_p", "in [0, 1]")
         if not (0.0 < real("repetition_penalty") < math.inf):
-            raise bad("repetition_penalty", "> 0 (1 disables it)")
+            raise bad("repetition_penalty", "a finite number > 0 (1 disables it)")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
         ):

@@ -63,8 +63,10 @@ class ChatSession:
         self.max_tokens = None if max_tokens is None else int(max_tokens)
         limit = int(model.config.max_position_embeddings)
         self.n_ctx = int(n_ctx) if n_ctx is not None else min(limit, DEFAULT_N_CTX_CAP)
-        if not 1 <= self.n_ctx <= limit:
-            raise InputError(f"--n-ctx {self.n_ctx} is outside [1, {limit}] (the model's context length)")
+        if self.n_ctx > limit:  # the same words as generate's; the lower bound is chat's option's
+            raise InputError(f"--n-ctx {self.n_ctx} is larger than the model's context ({limit} tokens)")
+        if self.n_ctx < 1:
+            raise InputError(f"--n-ctx {self.n_ctx} must be at least 1")
         self.notices: list[str] = []
         self._notice = notice or self.notices.append
         self.messages: list[Message] = []

@@ -176,14 +176,16 @@ def test_seeded_sampling_is_reproducible():
 # --- parameters -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(temperature=-0.1), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number"),  # /set temperature inf
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number"),
     (dict(temperature=float("nan")), "temperature"),
     (dict(top_k=-1), "top_k must be an integer >= 0"),
     (dict(top_k=2.5), "top_k"),
     (dict(top_p=1.5), "top_p must be in [0, 1]"),
     (dict(top_p=-0.01), "top_p must be in [0, 1]"),
     (dict(min_p=2), "min_p must be in [0, 1]"),
-    (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+    (dict(repetition_penalty=0), "repetition_penalty must be a finite number > 0"),
     (dict(seed=-1), "seed"),
 ])
 def test_out_of_range_parameters_raise_value_error_with_range(kw, words):

@@ -239,7 +239,8 @@ def test_overflow_drops_oldest_exchanges_and_keeps_system(lm):
 
 
 def test_n_ctx_beyond_the_model_is_refused(lm):
-    with pytest.raises(InputError, match="n-ctx"):
+    # The words of generate's check; not "outside [1, N]" while chat's option says x>=16.
+    with pytest.raises(InputError, match=rf"--n-ctx {lm.n_ctx_max + 1} is larger than the model's context \({lm.n_ctx_max} tokens\)"):
         ChatSession(lm, n_ctx=lm.n_ctx_max + 1)
 
 

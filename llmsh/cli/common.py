@@ -151,7 +151,7 @@ def compile_option(f):
     """``--compile/--no-compile``: torch.compile the decode step (default: automatic)."""
     return click.option("--compile/--no-compile", "compile_", default=None,
                         help="torch.compile the decode step (CPU: needs a C compiler; costs a "
-                             "compile once per process, seconds once cached). Default: only when -n "
+                             "compile once per process: about a minute the first time, 15-20 s once cached). Default: only when -n "
                              "is large enough to pay the compile time back.")(f)
 
 
