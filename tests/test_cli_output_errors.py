@@ -48,3 +48,13 @@ def test_each_line_ignores_crlf_and_refuses_empty_input(chat_model, llmsh_home):
     assert [r["n_tokens"] for r in crlf] == [r["n_tokens"] for r in lf]
     assert [r["perplexity"] for r in crlf] == pytest.approx([r["perplexity"] for r in lf])
     one_line_error(run(m, input=""), "<stdin>: empty input")
+
+
+@pytest.mark.parametrize("cmd", [["generate", "hi"], ["tokenize", "hi"]])
+def test_a_bad_model_from_llmsh_model_says_so(cmd, llmsh_home, tmp_path):  # noqa: F811
+    from test_cli import one_line_error, run
+
+    bad = str(tmp_path / "no-such-model")
+    one_line_error(run(cmd, env={"LLMSH_MODEL": bad}), bad, "came from LLMSH_MODEL")
+    line = one_line_error(run([cmd[0], "-m", bad, *cmd[1:]]), bad)
+    assert "LLMSH_MODEL" not in line

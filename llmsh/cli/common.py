@@ -5,6 +5,7 @@ Nothing here imports torch at import time; the engine modules are imported insid
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import click
@@ -131,8 +132,25 @@ def load(model, device: str, dtype: str, quantize: str | None = None):
     """Load a model for a command; notices (auto-pull, conversion) go to stderr."""
     from ..loader import load_model
 
-    return load_model(model, device=device, dtype=dtype, notice=output.notice,
-                      quantize=None if quantize in (None, "none") else quantize)
+    with from_environment():
+        return load_model(model, device=device, dtype=dtype, notice=output.notice,
+                          quantize=None if quantize in (None, "none") else quantize)
+
+
+@contextlib.contextmanager
+def from_environment():
+    """A bad -m value that came from ``LLMSH_MODEL`` says so, or the user looks for a typo in a
+    command line that has no -m."""
+    from ..errors import LlmshError
+
+    try:
+        yield
+    except LlmshError as e:
+        ctx = click.get_current_context(silent=True)
+        source = ctx.get_parameter_source("model") if ctx is not None else None
+        if source is None or source.name != "ENVIRONMENT":
+            raise
+        raise type(e)(f"{e} (the model came from LLMSH_MODEL={ctx.params.get('model')})") from None
 
 
 QUANTIZE_CHOICE = click.Choice(["none", "int8", "int4"])

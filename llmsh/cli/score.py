@@ -258,5 +258,8 @@ def _load_tokenizer_only(model, device, dtype):
     from ..hub import resolve_model
     from ..tokenizer import Tokenizer
 
-    path = resolve_model(model, notice=output.notice)
+    from .common import from_environment
+
+    with from_environment():
+        path = resolve_model(model, notice=output.notice)
     return SimpleNamespace(tokenizer=Tokenizer.from_dir(path), path=path)
