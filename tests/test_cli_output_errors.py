@@ -58,3 +58,15 @@ def test_a_bad_model_from_llmsh_model_says_so(cmd, llmsh_home, tmp_path):  # noq
     one_line_error(run(cmd, env={"LLMSH_MODEL": bad}), bad, "came from LLMSH_MODEL")
     line = one_line_error(run([cmd[0], "-m", bad, *cmd[1:]]), bad)
     assert "LLMSH_MODEL" not in line
+
+
+def test_the_chat_history_location_is_documented():
+    from test_cli import ok
+
+    from llmsh.cli.repl import history_path
+
+    text = " ".join(ok(["chat", "--help"]).stdout.split())
+    assert history_path().name in text and "~/.local/share/llmsh/chat_history" in text
+    page = (ROOT / "man" / "llmsh.1").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "chat_history" in page and "~/.local/share/llmsh/chat_history" in readme

@@ -289,7 +289,10 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
 @sampling_options
 @click.option("--stats", is_flag=True, help="After each reply, print tokens, tokens/s, time to "
                                             "first token and context use.")
-@click.option("--no-history", is_flag=True, help="Do not read or write the input history file.")
+@click.option("--no-history", is_flag=True,
+              help="Do not read or write the input history file, chat_history in the user data "
+                   "folder (Linux: ~/.local/share/llmsh/chat_history; macOS: ~/Library/Application "
+                   "Support/llmsh/chat_history).")
 @errors_option
 @quantize_option
 @compile_option
