@@ -70,3 +70,13 @@ def test_the_chat_history_location_is_documented():
     page = (ROOT / "man" / "llmsh.1").read_text(encoding="utf-8")
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "chat_history" in page and "~/.local/share/llmsh/chat_history" in readme
+
+
+def test_the_man_page_says_what_decode_prints(chat_model, llmsh_home):  # noqa: F811
+    from test_cli import ok
+
+    ids = ok(["tokenize", "-m", str(chat_model), "--no-bos", "Hello world"]).stdout
+    out = ok(["tokenize", "-m", str(chat_model), "--decode"], input=ids).stdout
+    assert out == "Hello world"                      # exact: no newline added in a pipe
+    page = " ".join((ROOT / "man" / "llmsh.1").read_text(encoding="utf-8").split())
+    assert "except for tokenize \\-\\-decode, which prints the decoded text exactly" in page
