@@ -170,7 +170,8 @@ def _has_prompt(ctx, args: list[str]) -> bool:
         opts, rest, _ = gen.make_parser(sub).parse_args(list(args))
     except click.UsageError:
         return False
-    return bool(opts.get("prompt") or rest)
+    # click >= 8.3 leaves an absent argument as a truthy UNSET sentinel, not None or ().
+    return isinstance(opts.get("prompt"), (tuple, list)) and bool(opts["prompt"]) or bool(rest)
 
 
 def _write_json(obj) -> None:
