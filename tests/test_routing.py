@@ -78,3 +78,45 @@ def test_options_then_words_generate(chat_model, llmsh_home, terminal, chats):  
 def test_options_only_with_empty_stdin_is_generate(chat_model, llmsh_home):  # noqa: F811
     r = run(["-m", str(chat_model), "-t", "0.7"], input="")
     assert r.exit_code == 1 and "empty prompt" in r.stderr
+
+
+# --- item 4: a command name after leading options runs that command ------------------------------
+
+def test_command_name_after_options_runs_the_command(chat_model, llmsh_home, terminal, chats,
+                                                    tmp_path):  # noqa: F811
+    import json
+
+    a = json.loads(ok(["-m", str(chat_model), "info", "--json"]).stdout)
+    b = json.loads(ok(["info", "-m", str(chat_model), "--json"]).stdout)
+    a.pop("load_seconds"), b.pop("load_seconds")
+    assert a == b
+    ok(["-m", str(chat_model), "--temperature", "0.5", "chat", "--no-history"])
+    assert len(chats) == 1 and chats[0]["params"].temperature == 0.5 and chats[0]["history"] is False
+    (tmp_path / "a.txt").write_text("hello world " * 20)
+    r = ok(["-m", str(chat_model), "ppl", "--n-ctx", "8", "--json", str(tmp_path / "a.txt")])
+    assert json.loads(r.stdout)["n_ctx"] == 8  # an alias too
+
+
+@pytest.mark.parametrize("word,command", [("chta", "chat"), ("genrate", "generate"), ("tokenise", "tokenize"),
+                                          ("pul", "pull"), ("modls", "models")])
+def test_near_miss_of_a_command_name_is_an_error_with_a_suggestion(chat_model, llmsh_home, terminal, word,
+                                                                 command):  # noqa: F811
+    from test_cli import one_line_error
+
+    one_line_error(run([word]), f"no such command '{word}'", f"did you mean '{command}'", code=2)
+    one_line_error(run(["-m", str(chat_model), word]), f"did you mean '{command}'", code=2)
+
+
+@pytest.mark.parametrize("words", [["info about cats"], ["what", "is", "up"], ["hello"], ["cats"], ["what"],
+                                   ["--", "info"]])
+def test_genuine_prompts_still_generate(chat_model, llmsh_home, terminal, chats, words):  # noqa: F811
+    r = ok(["-m", str(chat_model), "-t", "0", "-n", "2", *words])
+    prompt = " ".join(w for w in words if w != "--")
+    assert r.stdout == ok(["generate", "-m", str(chat_model), "-t", "0", "-n", "2", prompt]).stdout
+    assert not chats
+
+
+def test_an_option_value_is_not_a_command_name(tmp_path, llmsh_home, terminal):  # noqa: F811
+    # `-m info`: a model called "info" (not found), not the info command.
+    r = run(["-m", str(tmp_path / "info"), "-n", "2", "hello"])
+    assert r.exit_code == 1 and "info" in r.stderr and "llmsh: error:" in r.stderr
