@@ -26,6 +26,7 @@ from .common import (CONTEXT_SETTINGS, arg_text, compile_option, encode_chat, er
                          model_options, quantize_option, read_prompt, sampling_options, sampling_params,
                          setup_decoding, stop_option, timings)
 from ..errors import InputError, LlmshError
+from .routing import route
 
 # Commands that live in their own modules, imported only when used (or listed by --help).
 # issue 5: a module llmsh/cli_bench.py defining the click command `bench` is picked up here.
@@ -54,15 +55,10 @@ class LlmshGroup(click.Group):
         return self.commands.get(name)
 
     def parse_args(self, ctx, args):
-        # As `llm "prompt"`: without a command name, arguments go to the default command.
+        # As `llm "prompt"`: without a command name first, see routing.route.
         args = list(args)
-        if args and args[0] not in ("-h", "--help", "-V", "--version"):
-            first = args[0]
-            if first.startswith("-") and first != "-":
-                # `llmsh -m MODEL`, `llmsh -n 5 hello`: generate if a prompt is among them.
-                args = [default_command(has_prompt=_has_prompt(ctx, args))] + args
-            elif self.get_command(ctx, first) is None:
-                args = ["generate"] + args  # `llmsh "What is the capital of France?"`
+        if args and args[0] not in ("-h", "--help", "-V", "--version") and self.get_command(ctx, args[0]) is None:
+            args = route(self, ctx, args, default_command, _ALIASES)
         return super().parse_args(ctx, args)
 
     def resolve_command(self, ctx, args):
@@ -141,7 +137,9 @@ def cli(ctx):
 
     With no command, llmsh starts "chat" when stdin is a terminal, and runs "generate" on the
     piped text otherwise, as llm does: echo "Name three colors." | llmsh answers once. Options
-    given without a command go to that command: llmsh -m ./my-model --temperature 0.7
+    given without a command go to that command: llmsh -m ./my-model --temperature 0.7. Options
+    may also come before a command name: llmsh -m ./my-model info. A lone word close to a
+    command name (llmsh chta) is an error that suggests it; llmsh generate WORD sends it as a prompt.
 
     Every model command takes -m/--model (a model folder, a .gguf file or a registry name;
     env LLMSH_MODEL), --device and --dtype. Without -m, the default model (SmolLM2-135M-Instruct)
@@ -167,19 +165,6 @@ def default_command(has_prompt: bool = False) -> str:
     """What `llmsh` without a command runs: generate when a prompt is given as arguments or text
     is piped in; chat on a terminal otherwise."""
     return "chat" if output.stdin_is_terminal() and not has_prompt else "generate"
-
-
-def _has_prompt(ctx, args: list[str]) -> bool:
-    """Whether ``args`` (options first) hold a positional PROMPT for generate, read with generate's
-    own option parser (so `-n 5 hello` is a prompt, `-m ./model` is not). Unparsable (an option
-    only chat has): no prompt."""
-    gen = ctx.command.get_command(ctx, "generate")
-    try:
-        sub = click.Context(gen, info_name="generate", parent=ctx, resilient_parsing=True)
-        opts, rest, _ = gen.make_parser(sub).parse_args(list(args))
-    except click.UsageError:
-        return False
-    return bool(opts.get("prompt") or rest)
 
 
 def _write_json(obj) -> None:
