@@ -35,9 +35,9 @@ AUTO_COMPILE_WARM_MIN_TOKENS = 1024
 
 
 class DecodeStep(nn.Module):
-    """One token through a llama-family decoder: (tokens (B, 1), pos (1,), kv_pos (L,), ks, vs)
-    -> float32 logits (B, 1, V), writing keys/values at ``pos`` of the caches ks/vs (lists of
-    (B, KV, S, D) tensors, one per layer). kv_pos: the positions 0..L-1 of keys the query may see
+    """One token through a decoder whose backbone has ``decode_hidden`` (the llama family and
+    gemma3): (tokens (B, 1), pos (1,), kv_pos (L,), ks, vs) -> float32 logits (B, 1, V), writing
+    keys/values at ``pos`` of the caches ks/vs (lists of (B, KV, S, D) tensors, one per layer). kv_pos: the positions 0..L-1 of keys the query may see
     (L = pos + 1 on CPU; L = S on CUDA, where keys after pos are masked). Matches
     ``Decoder.forward(tokens, cache)`` for T = 1 (same operations, same order)."""
 
@@ -49,7 +49,7 @@ class DecodeStep(nn.Module):
     def forward(self, tokens, pos, kv_pos, ks: list[torch.Tensor], vs: list[torch.Tensor]):
         dec = self.dec
         x = dec.backbone.decode_hidden(tokens, pos, kv_pos, ks, vs, self.full_length)   # (B, 1, C)
-        return dec.lm_head(dec.backbone.norm(x)).float()
+        return dec.head(x)
 
 
 class _Installed:
@@ -105,7 +105,7 @@ def setup_decoder(decoder, *, max_new_tokens: int = 0, compile: bool | None = No
     compile: True — compile now; False — eager (removes an installed step); None — compile when
     ``max_new_tokens >= AUTO_COMPILE_MIN_TOKENS``, or ``>= AUTO_COMPILE_WARM_MIN_TOKENS`` when
     inductor's on-disk cache is warm for this model (:func:`cache_is_warm`), on a CPU/CUDA
-    llama-family float model.
+    model whose family has a decode step (llama family, gemma3).
     mode: torch.compile mode; default "default" on CPU, "reduce-overhead"
     (CUDA graphs) on CUDA. Compilation happens here, on a small scratch cache, so its time is
     reported and not paid by the first token. Inductor's on-disk caches (FX graph and AOTAutograd,

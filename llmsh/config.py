@@ -1,7 +1,7 @@
 """The model's shape and hyper-parameters, read from a Hugging Face ``config.json``.
 
-One frozen dataclass for every supported architecture (llama, mistral, qwen2, gpt2), using the
-Hugging Face field names. Both generations of the format are accepted: transformers 4.x writes
+One frozen dataclass for every supported architecture (llama, mistral, qwen2, qwen3, gemma3,
+gpt2), using the Hugging Face field names. Both generations of the format are accepted: transformers 4.x writes
 ``rope_theta`` and ``rope_scaling`` (keyed by ``type`` or ``rope_type``) at the top level;
 transformers 5.x writes one ``rope_parameters`` object. Unknown keys are ignored. Defaults for
 absent keys are those of the matching transformers config class (e.g. ``LlamaConfig``),
@@ -20,7 +20,6 @@ from typing import Any
 from .errors import ConfigError
 from .models import SUPPORTED_MODEL_TYPES  # the family table (imports no torch)
 
-_LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 # Rope scaling types we implement, with the keys each one needs.
 _ROPE_KEYS = {
     "linear": ("factor",),
@@ -36,10 +35,15 @@ class ModelConfig:
     Fields beyond docs/design.md: ``layer_types`` gives each layer's attention kind,
     ``"full_attention"`` or ``"sliding_attention"`` (transformers' names): every layer of a
     mistral with a ``sliding_window``, and qwen2's layers ``>= max_window_layers`` when
-    ``use_sliding_window`` is set. ``torch_dtype`` is the checkpoint's dtype name, if stated.
+    ``use_sliding_window`` is set (qwen3 likewise), gemma3's by its layer pattern.
+    ``torch_dtype`` is the checkpoint's dtype name, if stated. The fields after ``layer_types``
+    are gemma3's (None elsewhere): ``query_pre_attn_scalar`` (attention scale
+    query_pre_attn_scalar**-0.5 instead of head_dim**-0.5), the RoPE base and scaling of sliding
+    layers (``rope_local_theta``, 4.x ``rope_local_base_freq``), and tanh soft-capping of the
+    final logits (cap * tanh(logits / cap)). Parsed in :mod:`llmsh.config_gemma3`.
     """
 
-    model_type: str                 # "llama" | "mistral" | "qwen2" | "gpt2"
+    model_type: str                 # a key of llmsh.models.FAMILIES
     vocab_size: int
     hidden_size: int                # gpt2: n_embd
     num_hidden_layers: int          # gpt2: n_layer
@@ -60,6 +64,10 @@ class ModelConfig:
     eos_token_id: int | list[int] | None
     layer_types: tuple[str, ...] = ()
     torch_dtype: str | None = None
+    query_pre_attn_scalar: float | None = None
+    rope_local_theta: float | None = None      # None: sliding layers use rope_theta/rope_scaling
+    rope_local_scaling: dict | None = None
+    final_logit_softcapping: float | None = None
 
     @property
     def is_gpt2(self) -> bool:
@@ -82,8 +90,12 @@ class ModelConfig:
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"config.json: unsupported model_type {mt!r} "
                               f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        _check_numbers(d, mt)
         try:
+            if mt.startswith("gemma3"):
+                from .config_gemma3 import from_gemma3
+
+                return from_gemma3(d, mt)
+            _check_numbers(d, mt, head_dim_default=mt == "qwen3")
             return _from_gpt2(d) if mt == "gpt2" else _from_llama(d, mt)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.json: bad value ({e})") from None
@@ -152,10 +164,11 @@ _POSITIVE_INTS = (("vocab_size",), ("hidden_size", "n_embd"), ("num_hidden_layer
                   ("max_position_embeddings", "n_positions"))
 
 
-def _check_numbers(d: dict, mt: str) -> None:
+def _check_numbers(d: dict, mt: str, head_dim_default: bool = False) -> None:
     """Reject sizes that would only fail later inside torch (a zero head count divides by zero, a
     negative context builds an empty RoPE table): positive integers, heads divisible by KV heads,
-    hidden_size divisible by heads when head_dim is implied, positive rope_theta and epsilon.
+    hidden_size divisible by heads when head_dim is implied (not when the architecture has a
+    fixed default head_dim, ``head_dim_default``), positive rope_theta and epsilon.
 
     Raises:
         ConfigError: naming the key and its value.
@@ -174,12 +187,14 @@ def _check_numbers(d: dict, mt: str) -> None:
         raise ConfigError(f"config.json: num_attention_heads ({heads}) must be divisible by "
                           f"num_key_value_heads ({kv})")
     hidden = _get(d, "hidden_size", d.get("n_embd"))
-    if heads is not None and hidden is not None and (mt == "gpt2" or d.get("head_dim") is None) \
+    implied = mt == "gpt2" or (d.get("head_dim") is None and not head_dim_default)
+    if heads is not None and hidden is not None and implied \
             and int(hidden) % int(heads):
         raise ConfigError(f"config.json: hidden_size ({hidden}) must be divisible by "
                           f"num_attention_heads ({heads}) when head_dim is not given")
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
     for key, v in (("rope_theta", _get(params, "rope_theta", d.get("rope_theta"))),
+                   ("rope_local_base_freq", d.get("rope_local_base_freq")),
                    ("rms_norm_eps", d.get("rms_norm_eps")),
                    ("layer_norm_epsilon", d.get("layer_norm_epsilon"))):
         if v is None:
@@ -193,22 +208,33 @@ def _get(d: dict, key: str, default):
     return default if v is None else v
 
 
-def _rope(d: dict) -> tuple[float, dict | None]:
+def _rope(d: dict, default_theta: float = 10000.0) -> tuple[float, dict | None]:
     """(rope_theta, normalised rope_scaling) from either config generation."""
     params = d.get("rope_parameters")
     if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
         # Per-layer-type parameters (transformers 5.x for mixed models): use full attention's.
         params = params.get("full_attention") or next(iter(params.values()))
     if isinstance(params, dict):                                        # transformers 5.x
-        theta = _get(params, "rope_theta", _get(d, "rope_theta", 10000.0))
+        theta = _get(params, "rope_theta", _get(d, "rope_theta", default_theta))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:                                                               # transformers 4.x
-        theta = _get(d, "rope_theta", 10000.0)
+        theta = _get(d, "rope_theta", default_theta)
         scaling = dict(d.get("rope_scaling") or {})
+    return float(theta), rope_scaling_of(scaling)
+
+
+def rope_scaling_of(scaling: dict) -> dict | None:
+    """``scaling`` (keyed by ``rope_type`` or 4.x ``type``) normalised to {"rope_type": ..., ...},
+    None for the default (unscaled) RoPE.
+
+    Raises:
+        ConfigError: a rope type we do not implement, or one of its keys missing.
+    """
+    scaling = dict(scaling)
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     scaling.pop("type", None)
     if rope_type == "default":
-        return float(theta), None
+        return None
     if rope_type not in _ROPE_KEYS:
         raise ConfigError(f"config.json: unsupported rope scaling type {rope_type!r} "
                           f"(supported: default, {', '.join(_ROPE_KEYS)})")
@@ -216,10 +242,10 @@ def _rope(d: dict) -> tuple[float, dict | None]:
     if missing:
         raise ConfigError(f"config.json: rope scaling {rope_type!r} is missing "
                           + ", ".join(repr(m) for m in missing))
-    return float(theta), {"rope_type": rope_type, **scaling}
+    return {"rope_type": rope_type, **scaling}
 
 
-def _check_act(act: str) -> str:
+def check_act(act: str) -> str:
     if act not in _ACTIVATIONS:
         raise ConfigError(f"config.json: unsupported activation {act!r}")
     return act
@@ -231,12 +257,12 @@ def _from_llama(d: dict, mt: str) -> ModelConfig:
         ("intermediate_size",), ("max_position_embeddings",))
     theta, scaling = _rope(d)
     window = d.get("sliding_window")
-    if mt == "llama" or (mt == "qwen2" and not d.get("use_sliding_window", False)):
+    if mt == "llama" or (mt in ("qwen2", "qwen3") and not d.get("use_sliding_window", False)):
         window = None
     n = int(layers)
     if window is None:
         types = ("full_attention",) * n
-    elif mt == "qwen2":
+    elif mt in ("qwen2", "qwen3"):
         given = d.get("layer_types")
         if isinstance(given, list) and len(given) == n:
             types = tuple(given)
@@ -245,8 +271,10 @@ def _from_llama(d: dict, mt: str) -> ModelConfig:
             types = tuple("sliding_attention" if i >= first else "full_attention" for i in range(n))
     else:  # mistral slides on every layer (transformers ignores layer_types for it)
         types = ("sliding_attention",) * n
-    # transformers hard-codes biases outside llama: qwen2 always has q/k/v biases, mistral none.
+    # transformers hard-codes biases for two: qwen2 always has q/k/v biases, mistral none.
     attn_bias = {"qwen2": True, "mistral": False}.get(mt, bool(_get(d, "attention_bias", False)))
+    # Qwen3Config's head_dim defaults to 128, not hidden_size // heads.
+    head_dim = _get(d, "head_dim", 128 if mt == "qwen3" else int(hidden) // int(heads))
     mlp_bias = bool(_get(d, "mlp_bias", False)) if mt == "llama" else False
     return ModelConfig(
         model_type=mt,
@@ -256,12 +284,12 @@ def _from_llama(d: dict, mt: str) -> ModelConfig:
         num_attention_heads=int(heads),
         num_key_value_heads=int(_get(d, "num_key_value_heads", heads)),
         intermediate_size=int(inter),
-        head_dim=int(_get(d, "head_dim", int(hidden) // int(heads))),
+        head_dim=int(head_dim),
         max_position_embeddings=int(max_pos),
         rms_norm_eps=float(_get(d, "rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
-        hidden_act=_check_act(_get(d, "hidden_act", "silu")),
+        hidden_act=check_act(_get(d, "hidden_act", "silu")),
         tie_word_embeddings=bool(_get(d, "tie_word_embeddings", False)),
         attention_bias=attn_bias,
         mlp_bias=mlp_bias,
@@ -296,7 +324,7 @@ def _from_gpt2(d: dict) -> ModelConfig:
         rms_norm_eps=float(_get(d, "layer_norm_epsilon", 1e-5)),
         rope_theta=10000.0,
         rope_scaling=None,
-        hidden_act=_check_act(_get(d, "activation_function", "gelu_new")),
+        hidden_act=check_act(_get(d, "activation_function", "gelu_new")),
         tie_word_embeddings=bool(_get(d, "tie_word_embeddings", True)),
         attention_bias=True,
         mlp_bias=True,

@@ -36,6 +36,15 @@ _LLAMA_BASE = dict(
     eos_token_id=2,
 )
 
+_GEMMA3_BASE = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+    rms_norm_eps=1e-6, query_pre_attn_scalar=24, sliding_window=8, sliding_window_pattern=2,
+    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+    bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True,
+)
+
 # name -> (model_type, config kwargs). Names are what tests parametrize over.
 SPECS: dict[str, tuple[str, dict]] = {
     "llama": ("llama", dict(_LLAMA_BASE, tie_word_embeddings=False)),
@@ -65,6 +74,22 @@ SPECS: dict[str, tuple[str, dict]] = {
         dict(_LLAMA_BASE, use_sliding_window=True, sliding_window=8, max_window_layers=1,
              num_hidden_layers=3, tie_word_embeddings=False),
     ),
+    # head_dim 24 != hidden/heads; q_norm / k_norm.
+    "qwen3": ("qwen3", dict(_LLAMA_BASE, head_dim=24, tie_word_embeddings=False)),
+    # Sliding on layers >= max_window_layers, with all four attention biases, tied.
+    "qwen3_sliding": (
+        "qwen3",
+        dict(_LLAMA_BASE, use_sliding_window=True, sliding_window=8, max_window_layers=1,
+             num_hidden_layers=3, attention_bias=True, tie_word_embeddings=True),
+    ),
+    # Every second layer global (sliding_window_pattern 2), 8-token windows, head_dim 32 and an
+    # attention scale from query_pre_attn_scalar 24 (neither hidden/heads = 16), a local RoPE base
+    # different from the global one, linear scaling on the global layers only.
+    "gemma3": ("gemma3_text", dict(_GEMMA3_BASE)),
+    # Gemma 2's soft-caps (Gemma 3 sets none): transformers' Gemma 3 caps the logits and ignores
+    # attn_logit_softcapping; we must do the same.
+    "gemma3_softcap": ("gemma3_text", dict(_GEMMA3_BASE, num_hidden_layers=2,
+                                           attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
     "gpt2": (
         "gpt2",
         dict(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=None,
@@ -83,17 +108,21 @@ def _hf_classes(model_type: str):
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+        "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
         "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel),
     }[model_type]
 
 
 def _perturb(model: torch.nn.Module, std: float) -> None:
-    """Re-draw every parameter: norms around 1, everything else N(0, std), biases included."""
+    """Re-draw every parameter: norm scales around 1 (Gemma's (1 + weight): weights around 0),
+    everything else N(0, std), biases included."""
+    one = 0.0 if "gemma" in model.config.model_type else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or ".ln_" in name or name.startswith("transformer.ln_f"):
                 if name.endswith("weight"):
-                    p.normal_(1.0, 0.2)
+                    p.normal_(one, 0.2)
                 else:
                     p.normal_(0.0, 0.1)
             else:

@@ -5,7 +5,8 @@ A family module provides:
     PREFIX: str                     the backbone's checkpoint prefix ("model", "transformer")
     Backbone(config): nn.Module     embeddings, blocks and final norm, with
         embed_name: str             attribute of the token embedding (tied to lm_head)
-        norm: nn.Module             the final norm
+        norm: nn.Module             the final norm (the decoder applies it, then lm_head, then
+                                    config.final_logit_softcapping if set)
         windows: set                distinct attention windows of its layers (None = full)
         max_positions: int | None   a hard limit on positions (learned tables), or None
         fused / fuse()              q/k/v and gate/up fusion (see ``FUSED``)
@@ -15,7 +16,9 @@ A family module provides:
     FUSED: dict                     fused name -> checkpoint names, in row order
     TRANSPOSED: tuple[str, ...]     weight-name suffixes stored transposed (GPT-2's Conv1D)
     checkpoint_name(key) -> str | None   our parameter name for a checkpoint key (None: dropped)
-    scale_embeddings: float | None  optional: factor on the embedding output (e.g. Gemma's sqrt(C))
+
+Families may build on each other's classes: gemma3's backbone is the llama one with its hooks
+(``LlamaModel.embedding_scale``, ``LlamaLayer.Norm`` / ``attn_out`` / ``ffn``) overridden.
 
 This package's ``__init__`` imports no torch: :mod:`llmsh.config` reads the table from here.
 """
@@ -29,6 +32,9 @@ FAMILIES: dict[str, str] = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "qwen3": "llama",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",          # the text part of the multimodal model (vision weights dropped)
     "gpt2": "gpt2",
 }
 

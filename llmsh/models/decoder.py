@@ -130,4 +130,14 @@ class Decoder(nn.Module):
             x = x[:, logits_from:]
         if cache is not None:
             cache.advance(t)
-        return self.lm_head(backbone.norm(x)).float()                       # (B, T|1, V)
+        return self.head(x)                                                 # (B, T|1, V)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits (B, T, V) for hidden states x (B, T, C) before the final norm: norm,
+        ``lm_head``, then cap · tanh(logits / cap) with ``config.final_logit_softcapping`` (in
+        the compute dtype, as transformers' Gemma models)."""
+        logits = self.lm_head(self.backbone.norm(x))
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()

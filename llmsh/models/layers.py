@@ -31,14 +31,24 @@ def attention_mask(offset: int, t: int, window: int | None, device) -> tuple[int
     return start, mask
 
 
-def sdpa(q, k, v, start: int, mask) -> torch.Tensor:
-    """Attention of q (B, H, T, D) over k, v (B, KV, S, D) from key ``start`` -> (B, H, T, D)."""
+def sdpa(q, k, v, start: int, mask, scale: float | None = None) -> torch.Tensor:
+    """Attention of q (B, H, T, D) over k, v (B, KV, S, D) from key ``start`` -> (B, H, T, D);
+    ``mask`` as :func:`attention_mask` gives it, ``scale`` as :func:`attend`."""
     if start:
         k, v = k[:, :, start:], v[:, :, start:]
+    return attend(q, k, v, mask, scale)
+
+
+def attend(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
+    """softmax(scale · q kᵀ, masked) v for q (B, H, T, D), k/v (B, KV, S, D) -> (B, H, T, D).
+
+    ``mask``: None (all keys), True (causal, T == S) or a boolean (T, S) / (1, S) tensor, True =
+    attend. ``scale`` None is D**-0.5.
+    """
     gqa = q.shape[1] != k.shape[1]
     if mask is True:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def act_fn(name: str):

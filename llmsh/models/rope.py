@@ -14,16 +14,19 @@ import torch
 from ..config import ModelConfig
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (D/2,) float32 on CPU, as transformers' ``ROPE_INIT_FUNCTIONS``.
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies (D/2,) float32 on CPU, as transformers' ``ROPE_INIT_FUNCTIONS``, for
+    the full-attention layers, or with ``local`` for the sliding-window layers of a config with
+    their own base (gemma3's ``rope_local_theta`` / ``rope_local_scaling``).
 
     ``linear`` divides every frequency by ``factor``; ``llama3`` divides long wavelengths
     (> original_max_position_embeddings / low_freq_factor) by ``factor``, keeps short ones
     (< .../high_freq_factor) and interpolates linearly (in 1/wavelength) in between.
     """
     d = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
-    s = config.rope_scaling
+    theta, s = ((config.rope_local_theta, config.rope_local_scaling) if local
+                else (config.rope_theta, config.rope_scaling))
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     if s is None:
         return inv
     if s["rope_type"] == "linear":
