@@ -9,7 +9,13 @@ token ids are the ones we must reproduce, not transformers' GGUF conversion. Two
   guessed). Control and unknown tokens (``token_type`` 3, 2) become special added tokens (matched
   only when parsing markup), user-defined ones (4) plain added tokens (always matched), as
   llama.cpp's ``tokenizer_st_partition`` does.
-* ``llama`` (sentencepiece): not yet.
+* ``llama`` (sentencepiece, e.g. Gemma 3): ``tokenizer.model``, a sentencepiece ``ModelProto``
+  of type BPE holding the tokens, scores and types, so sentencepiece merges by score exactly as
+  llama.cpp's SPM tokenizer does (highest score first, leftmost on ties, byte fallback to
+  ``<0xNN>``); normalizer "identity" with whitespace escaped to "▁" and a dummy prefix only when
+  ``tokenizer.ggml.add_space_prefix`` says so (llama.cpp's default for SPM: true; Gemma's file:
+  false). Control/unknown/user-defined tokens are listed in tokenizer_config.json's
+  ``added_tokens_decoder`` so they are split out of the raw text first, as llama.cpp does.
 
 Both write ``tokenizer_config.json`` (bos/eos/unk/pad, ``add_bos_token``/``add_eos_token`` from
 the file or llama.cpp's default for the vocabulary, ``chat_template`` when the file has one) and
@@ -108,9 +114,10 @@ def tokenizer_files(meta: dict) -> dict[str, bytes]:
         add_bos_default = PRE_TOKENIZERS[pre].add_bos
         files = {"tokenizer.json": _bpe_tokenizer(meta, tokens, types, PRE_TOKENIZERS[pre], add_bos_default)}
     elif kind == "llama":
-        raise ConvertError("GGUF sentencepiece ('llama') vocabularies are not supported yet")
+        add_bos_default = True  # llama.cpp's default for SPM vocabularies
+        files = {"tokenizer.model": _spm_model(meta, tokens, types)}
     else:
-        raise ConvertError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2)")
+        raise ConvertError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
     tconf, gconf = _configs(meta, tokens, types, kind, add_bos_default)
     for name, data in (("tokenizer_config.json", tconf), ("generation_config.json", gconf)):
         files[name] = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
@@ -164,6 +171,39 @@ def _bpe_tokenizer(meta, tokens, types, pre: PreTokenizer, add_bos_default: bool
     return tok.to_str().encode("utf-8")
 
 
+def _spm_model(meta, tokens, types) -> bytes:
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = list(types[:len(tokens)])
+    unk = _token_id(meta, "unknown", tokens)
+    if UNKNOWN not in types:  # sentencepiece needs exactly one; converters often mark <unk> CONTROL
+        unk = 0 if unk is None else unk  # llama.cpp's SPM default unk id
+        types[unk] = UNKNOWN
+    m = pb.ModelProto()
+    for text, score, typ in zip(tokens, scores, types):
+        if typ not in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE):
+            typ = NORMAL  # llama.cpp treats undefined types as plain tokens of the vocabulary
+        m.pieces.add(piece=text, score=float(score), type=typ)
+    ts = m.trainer_spec
+    ts.model_type = pb.TrainerSpec.BPE
+    ts.vocab_size = len(tokens)
+    ts.byte_fallback = BYTE in types
+    ts.unk_id = types.index(UNKNOWN)
+    ts.unk_piece = tokens[ts.unk_id]
+    for key, field in (("bos", "bos"), ("eos", "eos"), ("padding", "pad")):
+        i = _token_id(meta, key, tokens)
+        setattr(ts, f"{field}_id", -1 if i is None else i)
+        if i is not None:
+            setattr(ts, f"{field}_piece", tokens[i])
+    ns = m.normalizer_spec
+    ns.name = "identity"
+    ns.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    ns.remove_extra_whitespaces = bool(meta.get("tokenizer.ggml.remove_extra_whitespaces", False))
+    ns.escape_whitespaces = True
+    return m.SerializeToString()
+
+
 def _token_id(meta: dict, key: str, tokens) -> int | None:
     i = meta.get(f"tokenizer.ggml.{key}_token_id")
     return int(i) if i is not None and 0 <= int(i) < len(tokens) else None
@@ -192,6 +232,13 @@ def _configs(meta, tokens, types, kind, add_bos_default) -> tuple[dict, dict]:
         "clean_up_tokenization_spaces": False,
         "model_max_length": int(meta.get(f"{arch}.context_length") or 2048),
     }
+    if kind == "llama":
+        # split out of the raw text before sentencepiece runs: control/unknown only when parsing
+        # markup, user-defined always (llama.cpp tokenizer_st_partition)
+        tconf["added_tokens_decoder"] = {
+            str(i): {"content": tokens[i], "special": types[i] != USER_DEFINED, "lstrip": False,
+                     "rstrip": False, "normalized": False, "single_word": False}
+            for i in range(len(tokens)) if types[i] in (CONTROL, UNKNOWN, USER_DEFINED)}
     if meta.get("tokenizer.chat_template"):
         tconf["chat_template"] = meta["tokenizer.chat_template"]
     eos = eog_ids(meta, tokens, types)

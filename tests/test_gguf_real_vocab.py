@@ -1,8 +1,10 @@
 """Tokenizers built by llmsh.gguf_vocab from real GGUF files, against llama.cpp's token ids.
 
 References (../shared/reference, see its README): llama.cpp's ``llama_tokenize`` ids for hard
-strings, the three greedy prompts and the token count of gpl-3.txt in its perplexity run, for
-Qwen2.5-Coder-0.5B (gpt2-type, pre-tokenizer ``qwen2``) and SmolLM2-135M (``smollm``). The files are found by tests/real_models.py (or the test is skipped).
+strings, the three greedy prompts (with BOS where the model adds one) and the token count of
+gpl-3.txt in its perplexity run, for Qwen2.5-Coder-0.5B (gpt2-type, pre-tokenizer ``qwen2``),
+Gemma 3 270M (llama-type: sentencepiece scores, byte fallback, no dummy prefix) and SmolLM2-135M
+(``smollm``). The files are found by tests/real_models.py (or the test is skipped).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from llmsh import gguf_vocab
 from llmsh.tokenizer import Tokenizer
 from real_models import REFERENCE, SHARED, gguf_file, reference
 
-REAL = {"qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b.json"}
+REAL = {"qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b.json", "gemma-3-270m": "gemma-3-270m.json"}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,18 @@ def test_gpl3_token_count_equals_llamacpp_perplexity_run(built, name):
     ids = tok.encode(_gpl3())  # BOS included where the model adds one, as llama-perplexity does
     assert len(ids) == ref["tokens"]
     assert tok.decode(ids, skip_special=True) == _gpl3()
+
+
+def test_gemma_chat_markup_and_end_of_turn(built):
+    meta, tok = built("gemma-3-270m")
+    assert "tokenizer.chat_template" not in meta and tok.chat_template is None  # a base model
+    sot, eot, nl = (tok.token_to_id(t) for t in ("<start_of_turn>", "<end_of_turn>", "\n"))
+    markup = "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    assert tok.encode(markup, parse_special=True) == [
+        tok.bos_token_id, sot, *tok.encode("user", add_bos=False), nl, *tok.encode("hi", add_bos=False), eot, nl,
+        sot, *tok.encode("model", add_bos=False), nl]
+    assert not {sot, eot} & set(tok.encode(markup))  # typed by a user: plain text
+    assert eot in tok.eos_token_ids  # llama.cpp ends generation at <end_of_turn>
 
 
 def test_qwen_chat_template_and_user_defined_tokens(built):

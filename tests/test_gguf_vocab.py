@@ -16,6 +16,7 @@ from llmsh import gguf_vocab
 from llmsh.errors import ConvertError
 from llmsh.tokenizer import Tokenizer
 from real_models import gguf_file, reference
+from tiny_tokenizers import HARD_STRINGS, build_sentencepiece_dir
 
 regex = pytest.importorskip("regex")
 
@@ -189,3 +190,52 @@ def test_read_metadata_reads_no_tensors(tmp_path, monkeypatch):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 8)
     with pytest.raises(ConvertError, match="cannot read GGUF file"):
         gguf_vocab.read_metadata(tmp_path / "bad.gguf")
+
+
+# --- sentencepiece (llama-type) -------------------------------------------------------------
+
+def spm_meta_from_model(model_path, **kw) -> dict:
+    """What convert_hf_to_gguf.py writes for a sentencepiece model: pieces, scores, types."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    n = sp.get_piece_size()
+    types = [2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 6 if sp.IsByte(i) else 5 if sp.IsUnused(i) else 1
+             for i in range(n)]
+    meta = {"general.architecture": "llama", "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+            "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)], "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
+    meta.update(kw)
+    return meta, sp
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    return build_sentencepiece_dir(tmp_path_factory.mktemp("sp")) / "tokenizer.model"
+
+
+def test_spm_ids_equal_sentencepiece_with_dummy_prefix(tmp_path, sp_model):
+    meta, sp = spm_meta_from_model(sp_model)
+    tok = load(meta, tmp_path)
+    assert tok.add_bos and tok.bos_token_id == 1  # llama.cpp's default for SPM
+    for text in HARD_STRINGS:
+        assert tok.encode(text, add_bos=False) == sp.encode(text), text
+        assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text
+
+
+def test_spm_without_space_prefix_and_with_user_defined_tokens(tmp_path, sp_model):
+    # Gemma-style: no dummy prefix; user-defined "\n" and "  " are split out of the raw text first
+    meta, sp = spm_meta_from_model(sp_model, **{"tokenizer.ggml.add_space_prefix": False,
+                                                "tokenizer.ggml.add_bos_token": False})
+    n = len(meta["tokenizer.ggml.tokens"])
+    meta["tokenizer.ggml.tokens"] += ["\n", "  ", "<start_of_turn>"]
+    meta["tokenizer.ggml.scores"] += [-1000.0] * 3
+    meta["tokenizer.ggml.token_type"] += [4, 4, 3]
+    tok = load(meta, tmp_path)
+    word = tok.encode("the")
+    assert tok.id_to_piece(word[0]).startswith("t")  # no "▁" prepended
+    assert tok.encode("the\nthe  the") == [*word, n, *word, n + 1, *word]
+    assert tok.encode("<start_of_turn>the", parse_special=True) == [n + 2, *word]
+    assert n + 2 not in tok.encode("<start_of_turn>the")
+    assert tok.decode(tok.encode("the\nthe  the")) == "the\nthe  the"
