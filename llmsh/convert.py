@@ -1,9 +1,9 @@
 """GGUF file -> Hugging Face-style model folder (config.json, model.safetensors, tokenizer.json, ...).
 
 Reference behaviour: llama.cpp's own reading of a GGUF file (``llama-vocab.cpp`` for the
-tokenizer, ``convert_hf_to_gguf.py`` for the tensor layout that we undo here). Only the
-``llama`` architecture with a ``gpt2``-type (byte-level BPE) vocabulary is supported so far;
-everything else is refused with a :class:`~llmsh.errors.ConvertError` rather than guessed.
+tokenizer, built by :mod:`llmsh.gguf_vocab`; ``convert_hf_to_gguf.py`` for the tensor layout
+that we undo here). Only the ``llama`` architecture is supported so far; everything else is
+refused with a :class:`~llmsh.errors.ConvertError` rather than guessed.
 
 Weights are dequantized with ``gguf.quants.dequantize`` and streamed one tensor at a time
 into a safetensors file we write ourselves, so peak memory is one tensor, not the model.
@@ -21,12 +21,8 @@ from typing import Callable
 
 import numpy as np
 
+from llmsh import gguf_vocab
 from llmsh.errors import ConvertError
-
-# llama.cpp pre-tokenizer names (tokenizer.ggml.pre) -> whether digits are split out one by one
-# before the GPT-2 byte-level regex. Only names whose llama.cpp regex table we checked are here:
-# "smollm" = ["\p{N}", gpt2-regex]; "gpt-2" = [gpt2-regex]. Add rows only after verifying.
-PRE_TOKENIZERS = {"smollm": True, "gpt-2": False}
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -42,8 +38,6 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 SOURCE_FILE = "llmsh-source.json"  # provenance in every folder llmsh writes (hub.SOURCE_FILE too)
-TOKEN_TYPE_CONTROL = 3  # llama.cpp LLAMA_TOKEN_TYPE_CONTROL
-TOKEN_TYPE_USER_DEFINED = 4
 
 
 def _fields(reader) -> dict:
@@ -131,78 +125,6 @@ def _config(meta: dict, hf_names: set, torch_dtype: str) -> dict:
     return cfg
 
 
-def build_tokenizer(meta: dict):
-    """Build a ``tokenizers.Tokenizer`` equal to llama.cpp's tokenizer for this vocabulary.
-
-    Byte-level BPE (tokenizer.ggml.model "gpt2") with the pre-tokenizer named by
-    tokenizer.ggml.pre (see PRE_TOKENIZERS); control tokens (token_type 3) become special added
-    tokens, user-defined ones (4) plain added tokens, as llama.cpp matches both before BPE.
-    Raises ConvertError for sentencepiece (``llama``) vocabularies and unverified pre-tokenizers.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    kind = meta.get("tokenizer.ggml.model")
-    if kind == "llama":
-        raise ConvertError("GGUF sentencepiece ('llama') vocabularies are not supported yet")
-    if kind != "gpt2":
-        raise ConvertError(f"GGUF tokenizer model {kind!r} is not supported")
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
-        raise ConvertError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {', '.join(PRE_TOKENIZERS)})")
-    tokens = meta["tokenizer.ggml.tokens"]
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    if PRE_TOKENIZERS[pre]:
-        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                    for i, t in enumerate(types) if t == TOKEN_TYPE_USER_DEFINED])
-    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                            for i, t in enumerate(types) if t == TOKEN_TYPE_CONTROL])
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    eos_id = meta.get("tokenizer.ggml.eos_token_id")
-    single, special = "$A", []
-    if meta.get("tokenizer.ggml.add_bos_token") and bos_id is not None:
-        single, special = f"{tokens[bos_id]} $A", [(tokens[bos_id], bos_id)]
-    if meta.get("tokenizer.ggml.add_eos_token") and eos_id is not None:
-        single += f" {tokens[eos_id]}"
-        special.append((tokens[eos_id], eos_id))
-    if special:
-        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=list(dict(special).items()))
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tok
-
-
-def _tokenizer_files(meta: dict) -> dict[str, dict]:
-    tokens = meta["tokenizer.ggml.tokens"]
-
-    def tok(key):
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-    tconf = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": tok("bos"), "eos_token": tok("eos"), "pad_token": tok("padding"),
-        "unk_token": tok("unknown"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": int(meta.get("llama.context_length", 2048)),
-    }
-    if meta.get("tokenizer.chat_template"):
-        tconf["chat_template"] = meta["tokenizer.chat_template"]
-    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if meta.get(k) is not None]
-    eos = list(dict.fromkeys(eos))
-    gconf = {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-             "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-             "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
-    return {"tokenizer_config.json": tconf, "generation_config.json": gconf}
-
-
 def _to_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
     a = np.ascontiguousarray(a, dtype=np.float32)
     if dtype == "float32":
@@ -251,8 +173,9 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
 
     Writes config.json, model.safetensors (dequantized to ``dtype``: float32 | float16 |
     bfloat16, Q/K rows (and biases) un-permuted to HF layout; lm_head omitted and
-    tie_word_embeddings true when the file has no output.weight), tokenizer.json, tokenizer_config.json and
-    generation_config.json. Work happens in a hidden temp folder next to out_dir that is
+    tie_word_embeddings true when the file has no output.weight), the tokenizer files of
+    :func:`llmsh.gguf_vocab.tokenizer_files` (tokenizer.json or tokenizer.model, tokenizer_config.json,
+    generation_config.json). Work happens in a hidden temp folder next to out_dir that is
     renamed into place at the end, so a failure or interrupt leaves no half-written out_dir.
     progress(stage, done, total) is called after each tensor with stage "convert".
     Raises ConvertError (bad/unsupported file, quant type, tokenizer, existing out_dir).
@@ -276,7 +199,7 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
     if len({p[0] for p in plan}) != len(plan):
         raise ConvertError(f"duplicate tensor names in GGUF file {gguf_path}")
     cfg = _config(meta, {p[0] for p in plan}, dtype)
-    tokenizer = build_tokenizer(meta)
+    tokenizer_files = gguf_vocab.tokenizer_files(meta)  # refuses an unsupported vocabulary before any writing
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
@@ -284,9 +207,8 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
         work = tmp / "model"
         work.mkdir(mode=0o755)
         (work / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        for name, data in _tokenizer_files(meta).items():
-            (work / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        tokenizer.save(str(work / "tokenizer.json"))
+        for name, data in tokenizer_files.items():
+            (work / name).write_bytes(data)
         # Provenance: the mark that lets `convert --force` replace this folder (and nothing else).
         (work / SOURCE_FILE).write_text(json.dumps({"converted_from": str(gguf_path.resolve()),
                                                     "dtype": dtype}, indent=2) + "\n")

@@ -116,6 +116,7 @@ class _SentencePieceTokenizer(Tokenizer):
         self._special = {i for i in range(n) if sp.IsControl(i) or sp.IsUnknown(i)}
         self._special |= {i for i, a in self._added.items() if a[1]}
         self._bytes: dict[int, bytes] = {}
+        self._matchers: dict[bool, dict] = {}  # parse_special -> tokens split out first
 
     def _default_specials(self):
         sp = self._sp
@@ -131,6 +132,7 @@ class _SentencePieceTokenizer(Tokenizer):
             if i is not None and i not in self._added:
                 self._added[i] = (c, True, False, False)
                 self._special.add(i)
+                self._matchers.clear()
 
     def token_to_id(self, token):
         for i, a in self._added.items():
@@ -140,10 +142,12 @@ class _SentencePieceTokenizer(Tokenizer):
         return i if i < self._n and self._sp.id_to_piece(i) == token else None
 
     def _encode(self, text, parse_special):
-        # Added tokens the sentencepiece model lacks always match (as non-special added tokens do
-        # in transformers and llama.cpp); special ones only when parsing markup.
-        match = {a[0]: (i, a[2], a[3]) for i, a in self._added.items()
-                 if (a[1] and parse_special) or (not a[1] and i >= self._n)}
+        # Non-special added tokens always match, before sentencepiece sees the text (as in
+        # transformers and llama.cpp's tokenizer_st_partition); special ones only when parsing markup.
+        match = self._matchers.get(parse_special)
+        if match is None:
+            match = self._matchers[parse_special] = {
+                a[0]: (i, a[2], a[3]) for i, a in self._added.items() if parse_special or not a[1]}
         ids: list[int] = []
         for part in split_on_tokens(text, match):
             if isinstance(part, int):

@@ -210,7 +210,8 @@ def test_tokenizer_and_configs(tmp_path, tok):
     assert (tc["bos_token"], tc["eos_token"], tc["pad_token"], tc["add_bos_token"]) == \
         ("<|im_start|>", "<|im_end|>", "<|im_end|>", False)
     gc = json.loads((out / "generation_config.json").read_text())
-    assert (gc["bos_token_id"], gc["eos_token_id"], gc["pad_token_id"]) == (1, 2, 2)
+    # <|endoftext|> (0) is a control token llama.cpp treats as end of generation, after EOS
+    assert (gc["bos_token_id"], gc["eos_token_id"], gc["pad_token_id"]) == (1, [2, 0], 2)
 
 
 def test_add_bos_token_adds_bos(tmp_path, tok):
@@ -228,8 +229,8 @@ def _no_leftovers(parent: Path, keep=("t.gguf",)):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(tokenizer_model="llama"), "not supported yet"),
-    (dict(pre="qwen2"), "pre-tokenizer 'qwen2'"),
+    (dict(tokenizer_model="bert"), "tokenizer model 'bert' is not supported"),
+    (dict(pre="qwen35"), "pre-tokenizer 'qwen35' is not supported"),
     (dict(arch="gemma"), "architecture 'gemma'"),
     (dict(extra={"blk.0.attn_q_norm.weight": np.ones(16, np.float32)}), "blk.0.attn_q_norm.weight"),
     (dict(extra={"blk.0.attn_q.bias": np.zeros(64, np.float32)}), "only some self_attn"),
