@@ -29,10 +29,11 @@ GROUP = 32
 _LLAMA_LAYER = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-_GEMMA_LAYER = {**_LLAMA_LAYER, "post_attention_norm": "post_attention_layernorm",
+_QK_NORM_LAYER = {**_LLAMA_LAYER, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_GEMMA_LAYER = {**_QK_NORM_LAYER, "post_attention_norm": "post_attention_layernorm",
                 "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 _GPT2_LAYER = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
                "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
@@ -43,7 +44,7 @@ _GPT2_TOP = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe"
 ARCH_TENSORS = {
     "llama": ("model.layers", _LLAMA_LAYER, _LLAMA_TOP),
     "qwen2": ("model.layers", _LLAMA_LAYER, _LLAMA_TOP),
-    "qwen3": ("model.layers", _LLAMA_LAYER, _LLAMA_TOP),
+    "qwen3": ("model.layers", _QK_NORM_LAYER, _LLAMA_TOP),
     "gemma3": ("model.layers", _GEMMA_LAYER, _LLAMA_TOP),
     "gpt2": ("transformer.h", _GPT2_LAYER, _GPT2_TOP),
 }
