@@ -23,19 +23,8 @@ import numpy as np
 
 from llmsh import gguf_vocab
 from llmsh.errors import ConvertError
+from llmsh.gguf_tensors import unpermute_rope  # noqa: F401  (re-exported: tests and callers use it here)
 
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 SOURCE_FILE = "llmsh-source.json"  # provenance in every folder llmsh writes (hub.SOURCE_FILE too)
 
@@ -46,23 +35,9 @@ def _fields(reader) -> dict:
 
 def hf_name(gguf_name: str) -> str:
     """Map a llama-architecture GGUF tensor name to its Hugging Face key; ConvertError if unknown."""
-    stem, _, suffix = gguf_name.rpartition(".")
-    parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
-    if stem in _TOP_NAMES:
-        return f"{_TOP_NAMES[stem]}.{suffix}"
-    raise ConvertError(f"unsupported tensor {gguf_name!r} in GGUF file")
+    from .gguf_tensors import hf_name as arch_hf_name
 
-
-def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row permutation (``LlamaModel.permute`` in convert_hf_to_gguf.py).
-
-    llama.cpp stores each head's rotary pairs interleaved (GPT-J style); Hugging Face keeps them
-    as two halves. w: (n_head * head_dim, in_features) -> same shape, rows reordered per head.
-    """
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return arch_hf_name("llama", gguf_name)
 
 
 def _f32(x) -> float:
