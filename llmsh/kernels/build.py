@@ -44,7 +44,9 @@ def _build():
     out.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name="llmsh_kernels", sources=[str(src / s) for s in _SOURCES], build_directory=str(out),
-        extra_cflags=["-O3"], extra_include_paths=[str(src)], is_python_module=False, verbose=False)
+        # -fopenmp: at::parallel_for is an inline OpenMP region; the GOMP symbols resolve to the
+        # libgomp that torch has already loaded globally (no second OpenMP runtime is linked).
+        extra_cflags=["-O3", "-fopenmp"], extra_include_paths=[str(src)], is_python_module=False, verbose=False)
     return torch.ops.llmsh_kernels
 
 

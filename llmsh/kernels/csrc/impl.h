@@ -137,39 +137,16 @@ struct TQ8_0 {
   }
 };
 
-struct TQ4_K {
-  static constexpr int bytes = 144, block = 256;
+// Q4_K (Five = false) and Q5_K: d, dmin, 12 bytes of 6-bit scales/mins, [qh[32]], qs[128].
+template <bool Five>
+struct TK45 {
+  static constexpr int bytes = Five ? 176 : 144, block = 256;
   static inline void step(const uint8_t* p, const XQ& x, int64_t b, __m256& acc, float& accs) {
-    const uint8_t* qs = p + 16;
-    const int8_t* xq = x.q + 256 * b;
-    const int32_t* s16 = x.s16 + 16 * b;
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256i iv = _mm256_setzero_si256();
-    int32_t msum = 0;
-    for (int c = 0; c < 4; ++c) {
-      int sc0, m0, sc1, m1;
-      scale_min_k4(2 * c, p + 4, sc0, m0);
-      scale_min_k4(2 * c + 1, p + 4, sc1, m1);
-      const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
-      iv = dot_scaled(iv, _mm256_and_si256(q, m4), loadx(xq + 64 * c), _mm256_set1_epi16((short)sc0));
-      iv = dot_scaled(iv, _mm256_and_si256(_mm256_srli_epi16(q, 4), m4), loadx(xq + 64 * c + 32),
-                      _mm256_set1_epi16((short)sc1));
-      msum += m0 * (s16[4 * c] + s16[4 * c + 1]) + m1 * (s16[4 * c + 2] + s16[4 * c + 3]);
-    }
-    const float dx = x.d[b];
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iv), _mm256_set1_ps(f16(p) * dx), acc);
-    accs -= (f16(p + 2) * dx) * (float)msum;
-  }
-};
-
-struct TQ5_K {
-  static constexpr int bytes = 176, block = 256;
-  static inline void step(const uint8_t* p, const XQ& x, int64_t b, __m256& acc, float& accs) {
-    const uint8_t* qs = p + 48;
+    const uint8_t* qs = p + (Five ? 48 : 16);
     const int8_t* xq = x.q + 256 * b;
     const int32_t* s16 = x.s16 + 16 * b;
     const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
-    __m256i hb = _mm256_loadu_si256((const __m256i*)(p + 16));
+    __m256i hb = Five ? _mm256_loadu_si256((const __m256i*)(p + 16)) : _mm256_setzero_si256();
     __m256i iv = _mm256_setzero_si256();
     int32_t msum = 0;
     for (int c = 0; c < 4; ++c) {
@@ -177,14 +154,14 @@ struct TQ5_K {
       scale_min_k4(2 * c, p + 4, sc0, m0);
       scale_min_k4(2 * c + 1, p + 4, sc1, m1);
       const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
-      // bit 2c of each qh byte is the fifth bit of the low-nibble sub-block, bit 2c+1 of the high.
-      const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(hb, one), 4);
-      const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 1), one), 4);
-      hb = _mm256_srli_epi16(hb, 2);
-      iv = dot_scaled(iv, _mm256_or_si256(_mm256_and_si256(q, m4), h0), loadx(xq + 64 * c),
-                      _mm256_set1_epi16((short)sc0));
-      iv = dot_scaled(iv, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), h1),
-                      loadx(xq + 64 * c + 32), _mm256_set1_epi16((short)sc1));
+      __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+      if (Five) {   // bit 2c of each qh byte is the fifth bit of the low-nibble sub-block, 2c+1 of the high
+        lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
+        hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 1), one), 4));
+        hb = _mm256_srli_epi16(hb, 2);
+      }
+      iv = dot_scaled(iv, lo, loadx(xq + 64 * c), _mm256_set1_epi16((short)sc0));
+      iv = dot_scaled(iv, hi, loadx(xq + 64 * c + 32), _mm256_set1_epi16((short)sc1));
       msum += m0 * (s16[4 * c] + s16[4 * c + 1]) + m1 * (s16[4 * c + 2] + s16[4 * c + 3]);
     }
     const float dx = x.d[b];
@@ -257,8 +234,8 @@ static void gemv(int type, const uint8_t* W, int64_t rb, int64_t n0, int64_t n1,
     case Q5_0: return gemv_t<TQ5_0>(W, rb, n0, n1, xs, M, y, N, K);
     case Q5_1: return gemv_t<TQ5_1>(W, rb, n0, n1, xs, M, y, N, K);
     case Q8_0: return gemv_t<TQ8_0>(W, rb, n0, n1, xs, M, y, N, K);
-    case Q4_K: return gemv_t<TQ4_K>(W, rb, n0, n1, xs, M, y, N, K);
-    case Q5_K: return gemv_t<TQ5_K>(W, rb, n0, n1, xs, M, y, N, K);
+    case Q4_K: return gemv_t<TK45<false>>(W, rb, n0, n1, xs, M, y, N, K);
+    case Q5_K: return gemv_t<TK45<true>>(W, rb, n0, n1, xs, M, y, N, K);
     case Q6_K: return gemv_t<TQ6_K>(W, rb, n0, n1, xs, M, y, N, K);
   }
 }
