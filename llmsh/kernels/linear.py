@@ -2,8 +2,9 @@
 
 Decode (up to ``GEMV_MAX_M`` rows) runs the C++ integer kernels (activations quantized to int8
 blocks, llama.cpp's arithmetic); prefill and scoring dequantize the blocks, a bounded number of
-output rows at a time, for a float32 GEMM (faster than integer dot products at large M on a CPU,
-as measured in benchmarks/RESULTS.md). Without the C++ kernels every call takes the second path,
+output rows at a time, for a float32 GEMM, so prefill is never slower than float32 today
+(integer dot products are compute-bound at large M; the crossover M = 8 is an estimate, not yet
+measured). Without the C++ kernels every call takes the second path,
 with the torch reference's dequantization.
 """
 
@@ -16,7 +17,7 @@ from torch import nn
 from llmsh.kernels import reference
 from llmsh.kernels.build import kernels
 
-GEMV_MAX_M = 8                   # rows up to which the integer kernels beat dequantize + GEMM
+GEMV_MAX_M = 8                   # rows up to which the integer kernels are used (estimate)
 DEQUANT_CHUNK_BYTES = 64 << 20   # float32 weight rows dequantized at once for the GEMM path
 
 
