@@ -87,6 +87,8 @@ class _Installed:
 
 def compile_unavailable(decoder) -> str | None:
     """Why the decode step cannot be compiled for ``decoder`` (a reason), or None if it can."""
+    if getattr(decoder, "tensor_parallel", None) is not None:
+        return "tensor-parallel decoders decode eagerly"
     if not hasattr(decoder.backbone, "decode_hidden"):
         return f"{decoder.config.model_type} models decode eagerly"
     dev = next(decoder.parameters()).device

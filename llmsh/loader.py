@@ -68,6 +68,7 @@ def load_model(
     notice: Callable[[str], None] | None = None,
     auto_pull: bool = True,
     quantize: str | None = None,
+    tensor_parallel=None,
 ) -> LoadedModel:
     """Resolve ``model`` and load it.
 
@@ -80,6 +81,8 @@ def load_model(
         auto_pull: pull a registry model that is not cached yet.
         quantize: None, ``"int8"`` or ``"int4"``: weight-only quantization while loading (CPU
             only; see :func:`llmsh.weights.load_decoder`). ``"none"`` is the same as None.
+        tensor_parallel: a :class:`llmsh.distributed.Dist`: this rank's share of the model
+            (:func:`llmsh.distributed.load_tp_decoder`); rank 0 resolves (and pulls) the model.
 
     Raises:
         ModelNotFoundError, ConfigError, WeightsError, TokenizerError, ConvertError.
@@ -90,12 +93,24 @@ def load_model(
     from .weights import load_decoder
 
     t0 = time.perf_counter()
-    path = hub.resolve_model(model if model is not None else hub.DEFAULT_MODEL,
-                             auto_pull=auto_pull, notice=notice)
+    quantize = None if quantize in (None, "none") else quantize
+    tp = tensor_parallel
+    if tp is None:
+        path = hub.resolve_model(model if model is not None else hub.DEFAULT_MODEL,
+                                 auto_pull=auto_pull, notice=notice)
+    else:           # one pull, by rank 0; the others wait for its answer
+        from .distributed import load_tp_decoder, plan
+
+        path = tp.broadcast(_resolve_or_error(hub, model, auto_pull, notice) if tp.rank == 0 else None)
+        if isinstance(path, Exception):
+            raise path
     config = ModelConfig.from_file(path)
     tokenizer = Tokenizer.from_dir(path)
-    decoder = load_decoder(path, config, device=device, dtype=dtype,
-                           quantize=None if quantize in (None, "none") else quantize)
+    if tp is None:
+        decoder = load_decoder(path, config, device=device, dtype=dtype, quantize=quantize)
+    else:
+        shard = plan(config, tp.world)[tp.rank]          # refuses an impossible split before reading
+        decoder = load_tp_decoder(path, config, shard, device=device, dtype=dtype, quantize=quantize)
     param = next(decoder.parameters())
     return LoadedModel(
         path=Path(path),
@@ -107,3 +122,14 @@ def load_model(
         dtype=getattr(decoder, "compute_dtype", param.dtype),   # quantized weights are int8/uint8
         load_seconds=time.perf_counter() - t0,
     )
+
+
+def _resolve_or_error(hub, model, auto_pull, notice):
+    """The resolved model path, or the one-line error resolving it raised (to broadcast)."""
+    from .errors import LlmshError
+
+    try:
+        return hub.resolve_model(model if model is not None else hub.DEFAULT_MODEL,
+                                 auto_pull=auto_pull, notice=notice)
+    except LlmshError as e:
+        return e

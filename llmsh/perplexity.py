@@ -90,28 +90,62 @@ def combine(results: Sequence[PerplexityResult], protocol: str | None = None) ->
         n_predictable=sum(r.n_predictable for r in results), stride=results[0].stride)
 
 
-class _Acc:
-    """float64 running sums, plus per-token lists when asked."""
+class _Turns:
+    """Which batches this rank computes when scoring is sharded over ranks (data parallel):
+    batch k belongs to rank k mod world. Without a shard every batch is this process's."""
 
-    def __init__(self, per_token: bool):
+    def __init__(self, shard=None):
+        self.shard, self.step = shard, -1
+
+    def __call__(self) -> bool:
+        """Move to the next batch; True if this rank computes it."""
+        self.step += 1
+        return self.shard is None or self.step % self.shard.world == self.shard.rank
+
+
+class _Acc:
+    """float64 running sums, plus per-token lists when asked.
+
+    Sharded (``shard``: a :class:`llmsh.distributed.Dist`), each rank keeps the partial sums of
+    its own batches; :meth:`result` gathers them and adds them in batch order, so the totals are
+    those of one process to the last bit (given the same logits).
+    """
+
+    def __init__(self, per_token: bool, shard=None):
         self.s = 0.0
         self.s2 = 0.0
         self.n = 0
         self.per = ([], [], []) if per_token else None
+        self.turns = _Turns(shard)
+        self.parts: list = []
 
     def add(self, logits: Tensor, targets: Tensor, positions: Tensor | None = None) -> None:
         """logits (..., V) float at the scoring positions, targets (...) the ids they predict."""
         x = logits.float()
         nll = (torch.logsumexp(x, -1) - x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).double().flatten()
-        self.s += float(nll.sum())
-        self.s2 += float((nll * nll).sum())
-        self.n += nll.numel()
+        per = None
         if self.per is not None:
-            self.per[0].extend(targets.flatten().tolist())
-            self.per[1].extend(nll.tolist())
-            self.per[2].extend(positions.flatten().tolist())
+            per = (targets.flatten().tolist(), nll.tolist(), positions.flatten().tolist())
+        self._add(float(nll.sum()), float((nll * nll).sum()), nll.numel(), per)
+
+    def _add(self, s: float, s2: float, n: int, per) -> None:
+        if self.turns.shard is not None:
+            self.parts.append((self.turns.step, s, s2, n, per))
+            return
+        self.s += s
+        self.s2 += s2
+        self.n += n
+        if per is not None:
+            for mine, new in zip(self.per, per):
+                mine.extend(new)
 
     def result(self, **kw) -> PerplexityResult:
+        shard = self.turns.shard
+        if shard is not None:       # every rank's parts, replayed in batch order
+            parts = sorted((p for rank in shard.gather(self.parts) for p in rank), key=lambda p: p[0])
+            self.turns.shard, self.parts = None, []
+            for _, s, s2, n, per in parts:
+                self._add(s, s2, n, per)
         ids, nll, pos = self.per if self.per is not None else (None, None, None)
         return PerplexityResult(nll_sum=self.s, n_tokens=self.n, nll_sq_sum=self.s2,
                                 token_ids=ids, token_nll=nll, token_positions=pos, **kw)
@@ -137,8 +171,8 @@ def _as_tensor(ids) -> Tensor:
 @torch.no_grad()
 def perplexity_llamacpp(decoder, ids: Sequence[int] | Tensor, n_ctx: int, *, bos_id: int | None = None,
                         all_tokens: bool = False, batch_size: int | None = None, n_bytes: int = 0,
-                        per_token: bool = False,
-                        progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
+                        per_token: bool = False, progress: Callable[[int, int], None] | None = None,
+                        shard=None) -> PerplexityResult:
     """Perplexity as ``llama-perplexity`` computes it (llama.cpp tools/perplexity, ``perplexity()``).
 
     ids: the whole text's token ids (BOS first if the tokenizer adds one). The text is cut into
@@ -147,7 +181,9 @@ def perplexity_llamacpp(decoder, ids: Sequence[int] | Tensor, n_ctx: int, *, bos
     evaluated from scratch (no cache); logits at positions n_ctx//2 … n_ctx−2 are scored against
     the next token (255 per window at n_ctx 512), or positions 0 … n_ctx−2 with ``all_tokens``.
     ``batch_size`` windows go through one forward pass (default: as many as fit ~256 MiB of
-    logits). ``progress(done, total)`` is called after each batch of windows.
+    logits). ``progress(done, total)`` is called after each batch of windows. ``shard`` (a
+    :class:`llmsh.distributed.Dist`): this rank computes every world-th batch and the result,
+    the same on every rank, is one process's (see :class:`_Acc`).
     Raises InputError when there are fewer than 2·n_ctx tokens (llama.cpp's requirement).
     """
     if n_ctx < 2:
@@ -161,8 +197,12 @@ def perplexity_llamacpp(decoder, ids: Sequence[int] | Tensor, n_ctx: int, *, bos
     batch_size = batch_size or _auto_batch(decoder, n_ctx - first)
     device = _device_of(decoder)
     windows = ids[: n_chunks * n_ctx].view(n_chunks, n_ctx)
-    acc = _Acc(per_token)
+    acc = _Acc(per_token, shard)
     for b0 in range(0, n_chunks, batch_size):
+        if not acc.turns():
+            if progress is not None:
+                progress(min(b0 + batch_size, n_chunks), n_chunks)
+            continue
         chunk = windows[b0: b0 + batch_size]
         targets = chunk[:, first + 1:]
         batch = chunk.clone()
@@ -184,7 +224,7 @@ def perplexity_llamacpp(decoder, ids: Sequence[int] | Tensor, n_ctx: int, *, bos
 @torch.no_grad()
 def perplexity_sliding(decoder, ids: Sequence[int] | Tensor, n_ctx: int, stride: int, *,
                        batch_size: int | None = None, n_bytes: int = 0, per_token: bool = False,
-                       progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
+                       progress: Callable[[int, int], None] | None = None, shard=None) -> PerplexityResult:
     """Hugging Face's sliding-window perplexity ("Perplexity of fixed-length models").
 
     Windows of up to ``n_ctx`` tokens start every ``stride`` tokens (the last one ends at the end
@@ -192,6 +232,7 @@ def perplexity_sliding(decoder, ids: Sequence[int] | Tensor, n_ctx: int, stride:
     after the first is scored exactly once with up to n_ctx − stride tokens of extra context.
     Unlike the docs' loop, which weights each window's mean loss by (scored − 1), the mean here is
     over exactly the scored tokens. Full-length windows are batched ``batch_size`` at a time.
+    ``shard``: as :func:`perplexity_llamacpp`.
     Raises InputError for fewer than 2 tokens or a stride outside 1 … n_ctx.
     """
     ids = _as_tensor(ids)
@@ -213,7 +254,7 @@ def perplexity_sliding(decoder, ids: Sequence[int] | Tensor, n_ctx: int, stride:
             break
     batch_size = batch_size or _auto_batch(decoder, n_ctx)
     device = _device_of(decoder)
-    acc = _Acc(per_token)
+    acc = _Acc(per_token, shard)
     i = 0
     while i < len(spans):
         length = spans[i][1] - spans[i][0]
@@ -221,6 +262,11 @@ def perplexity_sliding(decoder, ids: Sequence[int] | Tensor, n_ctx: int, stride:
         while j < len(spans) and j - i < batch_size and spans[j][1] - spans[j][0] == length:
             j += 1
         group = spans[i:j]
+        if not acc.turns():
+            i = j
+            if progress is not None:
+                progress(i, len(spans))
+            continue
         batch = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
         lo = min(s - b - 1 for b, _, s in group)          # first position any window scores
         logits = decoder(batch, None, logits_from=lo)
@@ -237,7 +283,7 @@ def perplexity_sliding(decoder, ids: Sequence[int] | Tensor, n_ctx: int, stride:
 @torch.no_grad()
 def perplexity_lines(decoder, texts_ids: Sequence[Sequence[int]], n_ctx: int, *, pad_id: int = 0,
                      batch_size: int = 16, n_bytes: Sequence[int] | None = None, per_token: bool = False,
-                     progress: Callable[[int, int], None] | None = None) -> list[PerplexityResult]:
+                     progress: Callable[[int, int], None] | None = None, shard=None) -> list[PerplexityResult]:
     """Score many short texts independently (``--each-line``): one result per text, in order.
 
     Each text scores all its tokens after the first (give it a BOS to score the first real token).
@@ -245,7 +291,8 @@ def perplexity_lines(decoder, texts_ids: Sequence[Sequence[int]], n_ctx: int, *,
     mask because a causal decoder never lets a position see later ones. A text longer than
     ``n_ctx`` is scored alone with :func:`perplexity_sliding` (stride n_ctx/2). A text of fewer
     than 2 tokens gets a result with n_tokens 0 (perplexity NaN).
-    n_bytes: UTF-8 byte length of each text, for bits_per_byte.
+    n_bytes: UTF-8 byte length of each text, for bits_per_byte. ``shard``: ranks take turns over
+    the long texts and the batches; every rank returns all results.
     """
     results: list[PerplexityResult | None] = [None] * len(texts_ids)
     seqs = [_as_tensor(t) for t in texts_ids]
@@ -253,8 +300,9 @@ def perplexity_lines(decoder, texts_ids: Sequence[Sequence[int]], n_ctx: int, *,
     device = _device_of(decoder)
     short = sorted((i for i, s in enumerate(seqs) if s.numel() <= n_ctx), key=lambda i: seqs[i].numel())
     done = 0
+    turns = _Turns(shard)
     for i, s in enumerate(seqs):
-        if s.numel() > n_ctx:
+        if s.numel() > n_ctx and turns():
             r = perplexity_sliding(decoder, s, n_ctx, max(1, n_ctx // 2), n_bytes=nb[i], per_token=per_token)
             r.protocol = "line"
             results[i] = r
@@ -262,7 +310,9 @@ def perplexity_lines(decoder, texts_ids: Sequence[Sequence[int]], n_ctx: int, *,
     for b0 in range(0, len(short), batch_size):
         group = short[b0: b0 + batch_size]
         width = seqs[group[-1]].numel()
-        if width < 2:
+        if not turns():
+            pass
+        elif width < 2:
             for i in group:
                 results[i] = _Acc(per_token).result(protocol="line", n_ctx=n_ctx, n_bytes=nb[i],
                                                     n_predictable=max(seqs[i].numel() - 1, 0))
@@ -282,4 +332,7 @@ def perplexity_lines(decoder, texts_ids: Sequence[Sequence[int]], n_ctx: int, *,
         done += len(group)
         if progress is not None:
             progress(done, len(seqs))
+    if shard is not None:
+        for theirs in shard.gather(results):
+            results = [r if r is not None else t for r, t in zip(results, theirs)]
     return results

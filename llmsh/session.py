@@ -54,7 +54,6 @@ class ChatSession:
 
     def __init__(self, model, *, system: str | None = None, params=None, max_tokens: int | None = None,
                  n_ctx: int | None = None, notice: Callable[[str], None] | None = None):
-        from .cache import KVCache
         from .sampling import SamplingParams
 
         self.model = model
@@ -70,7 +69,7 @@ class ChatSession:
         self.notices: list[str] = []
         self._notice = notice or self.notices.append
         self.messages: list[Message] = []
-        self.cache = KVCache.for_model(model.config, self.n_ctx, dtype=model.dtype, device=model.device)
+        self.cache = model.decoder.new_cache(self.n_ctx)
         self.cache_ids: list[int] = []  # the ids whose keys/values fill cache[:offset]
         self.last_stats = None
         self.template = model.tokenizer.chat_template

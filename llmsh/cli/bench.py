@@ -10,8 +10,9 @@ import sys
 
 import click
 
-from . import output
+from . import output, ranks
 from .common import CONTEXT_SETTINGS, model_options, quantize_option
+from .ranks import tp_option
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -29,7 +30,8 @@ from .common import CONTEXT_SETTINGS, model_options, quantize_option
               help="CPU threads (default: torch's).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (prefill_tok_s, decode_tok_s, ttft_s, peak_rss_mb, decode_gb_s, ...).")
-def bench(model, device, dtype, prompt_tokens, new_tokens, repetitions, quantize, compile_, threads, as_json):
+@tp_option
+def bench(model, device, dtype, prompt_tokens, new_tokens, repetitions, quantize, compile_, threads, as_json, tp):
     """Measure prefill and decode speed, like llama-bench.
 
     Reports tokens/s for a prompt of -p random tokens and for -n greedy new tokens (median and
@@ -54,11 +56,19 @@ def bench(model, device, dtype, prompt_tokens, new_tokens, repetitions, quantize
 
     if threads:
         torch.set_num_threads(threads)
+    group, _ = ranks.setup(tp, device)
     t0 = time.perf_counter()
-    path = hub.resolve_model(model if model is not None else hub.DEFAULT_MODEL, notice=output.notice)
+    path = ranks.shared(group, lambda: hub.resolve_model(model if model is not None else hub.DEFAULT_MODEL,
+                                                         notice=output.notice))
     config = ModelConfig.from_file(path)
-    dec = load_decoder(path, config, device=device, dtype=dtype,
-                       quantize=None if quantize == "none" else quantize)
+    q = None if quantize == "none" else quantize
+    if group is None:
+        dec = load_decoder(path, config, device=device, dtype=dtype, quantize=q)
+    else:
+        from ..distributed import load_tp_decoder, plan
+
+        dec = load_tp_decoder(path, config, plan(config, group.world)[group.rank], device=device,
+                              dtype=dtype, quantize=q)
     lm = LoadedModel(path=path, config=config, decoder=dec, tokenizer=None,
                      load_seconds=time.perf_counter() - t0)
     r = run_bench(lm, prompt_tokens, new_tokens, repetitions, compile=compile_,

@@ -128,13 +128,15 @@ def sampling_params(generation_config: dict, **overrides):
         raise click.UsageError(str(e)) from None
 
 
-def load(model, device: str, dtype: str, quantize: str | None = None):
-    """Load a model for a command; notices (auto-pull, conversion) go to stderr."""
+def load(model, device: str, dtype: str, quantize: str | None = None, tensor_parallel=None):
+    """Load a model for a command; notices (auto-pull, conversion) go to stderr.
+    ``tensor_parallel``: this rank's group (:mod:`llmsh.cli.ranks`), for its share of the model."""
     from ..loader import load_model
 
     with from_environment():
         return load_model(model, device=device, dtype=dtype, notice=output.notice,
-                          quantize=None if quantize in (None, "none") else quantize)
+                          quantize=None if quantize in (None, "none") else quantize,
+                          tensor_parallel=tensor_parallel)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,8 @@ import sys
 import click
 
 from .. import __version__
-from . import output
+from . import output, ranks
+from .ranks import tp_option
 from .common import (CONTEXT_SETTINGS, arg_text, compile_option, encode_chat, errors_option, load,
                          model_options, quantize_option, read_prompt, sampling_options, sampling_params,
                          setup_decoding, stop_option, timings)
@@ -107,6 +108,17 @@ class LlmshGroup(click.Group):
                 output.error(f"cannot write {e.filename or 'the output'}: {e.strerror or e}")
                 _broken_pipe()  # drop what is still buffered, so exit does not fail again
                 code = 1
+        except RuntimeError as e:
+            # A collective whose peer died (gloo: "Connection closed by peer"): one line, not a
+            # traceback per rank. Other RuntimeErrors are bugs and keep their traceback.
+            from .. import distributed
+
+            ctx = distributed.active()
+            if ctx is None:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            output.error(f"rank {ctx.rank}: another process of the group failed ({first[:200]})")
+            code = 1
         if not standalone_mode:
             return code
         sys.exit(code)
@@ -195,8 +207,9 @@ def _write_json(obj) -> None:
 @errors_option
 @quantize_option
 @compile_option
+@tp_option
 def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx, temperature, top_k,
-             top_p, min_p, repetition_penalty, seed, stop, stats, as_json, errors, quantize, compile_):
+             top_p, min_p, repetition_penalty, seed, stop, stats, as_json, errors, quantize, compile_, tp):
     """Generate one reply to PROMPT and stream it to stdout.
 
     The prompt is the arguments joined by spaces. When stdin is not a terminal, its content comes
@@ -214,13 +227,17 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
       llmsh generate --json --stop "." "Say hi" | jq .text
     """
     output.input_errors = errors
-    text = read_prompt(prompt, errors)  # before torch is imported: bad input fails at once
+    group, _ = ranks.setup(tp, device)
+    text = ranks.shared(group, lambda: read_prompt(prompt, errors))  # bad input fails before torch loads
+    if group is not None and seed is None:      # every rank samples the same tokens
+        import random
+
+        seed = group.broadcast(random.randrange(2**63))
     system = None if system is None else arg_text(system, "the --system value", errors)
-    from ..cache import KVCache
     from ..generate import GenerationStats, generate_text
     from ..session import DEFAULT_N_CTX_CAP
 
-    lm = load(model, device, dtype, quantize)
+    lm = load(model, device, dtype, quantize, tensor_parallel=group)
     tok = lm.tokenizer
     if n_ctx is None:
         n_ctx = min(lm.n_ctx_max, DEFAULT_N_CTX_CAP)
@@ -243,7 +260,7 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
     params = sampling_params(lm.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     # Only as much cache as this run can use; a full cache ends generation with "length".
-    cache = KVCache.for_model(lm.config, min(n_ctx, len(ids) + max_tokens), dtype=lm.dtype, device=lm.device)
+    cache = lm.decoder.new_cache(min(n_ctx, len(ids) + max_tokens))   # the decoder's own shape (a TP rank: its heads)
     setup_decoding(lm, min(max_tokens, cache.max_seq_len - len(ids)), compile_)
     st = GenerationStats()
     pieces = generate_text(lm.decoder, tok, ids, cache, params, max_new_tokens=max_tokens,

@@ -23,6 +23,8 @@ PROG = "llmsh"
 # What read_stdin / read_file do with invalid UTF-8 when the caller does not say: a command's
 # --errors sets it once, so that input read deeper down (chat's /read) follows the same option.
 input_errors = "strict"
+# Ranks other than 0 of a multi-process run print no notices or progress (llmsh.cli.ranks).
+quiet = False
 
 
 def is_terminal(stream) -> bool:
@@ -57,12 +59,16 @@ def stderr():
 
 def error(message: str) -> None:
     """Print ``llmsh: error: MESSAGE`` as one line on stderr."""
+    if quiet and os.environ.get("LLMSH_TP_CHILD"):
+        return      # a rank started by --tp: rank 0 reports the error (its own, or ours as a lost peer)
     message = " ".join(str(message).split("\n")).strip() or "unknown error"
     click.echo(f"{PROG}: error: {message}", err=True)
 
 
 def notice(message: str) -> None:
     """Print a one-line notice (``llmsh: MESSAGE``) on stderr, never on stdout."""
+    if quiet:
+        return
     click.echo(f"{PROG}: {message}", err=True)
 
 
@@ -168,7 +174,7 @@ def progress(description: str) -> Iterator[Callable[[int, int], None]]:
     The bar disappears when the block ends, leaving the terminal clean for the results.
     """
     err = stderr()
-    if not is_terminal(err):
+    if quiet or not is_terminal(err):
         yield lambda done, total: None
         return
     from rich.console import Console

@@ -8,7 +8,8 @@ import re
 
 import click
 
-from . import output
+from . import output, ranks
+from .ranks import tp_option
 from .common import CONTEXT_SETTINGS, arg_text, errors_option, load, model_options, quantize_option
 from ..errors import InputError
 
@@ -54,8 +55,9 @@ def _result_line(source, r) -> str:
                    "or FIFO is written through; a link is followed; an input FILE is refused.")
 @errors_option
 @quantize_option
+@tp_option
 def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line, as_json, per_token, errors,
-               quantize):
+               quantize, tp):
     """Score text: perplexity ± standard error, mean NLL, bits per byte (alias: ppl).
 
     Each FILE (or stdin, or -) is read whole, with one trailing newline removed, and scored with
@@ -83,13 +85,17 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
     sources = list(files) or ["-"]
     if sources == ["-"] and output.stdin_is_terminal():
         raise click.UsageError("give FILE arguments or pipe text on stdin")
-    texts = [(s if s != "-" else "<stdin>", _strip_one_newline(output.read_file(s, errors=errors)))
-             for s in sources]
+    group, mode = ranks.setup(tp, device, data_parallel=True)
+    texts = ranks.shared(group, lambda: [(s if s != "-" else "<stdin>",
+                                          _strip_one_newline(output.read_file(s, errors=errors)))
+                                         for s in sources])
+    shard = group if mode == "dp" else None      # windows (or lines) shared among the ranks
     per_token_file = None
-    if per_token is not None:  # opened now, to fail before the model loads; replaced only at the end
+    if per_token is not None and (group is None or group.rank == 0):
+        # Opened now, to fail before the model loads; replaced only at the end.
         per_token_file = output.output_file(per_token, inputs=sources)
         click.get_current_context().call_on_close(per_token_file.discard)
-    lm = load(model, device, dtype, quantize)
+    lm = load(model, device, dtype, quantize, tensor_parallel=group if mode == "tp" else None)
     tok = lm.tokenizer
     if n_ctx > lm.n_ctx_max:
         if click.get_current_context().get_parameter_source("n_ctx").name != "DEFAULT":
@@ -107,11 +113,11 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
                 ids = [tok.encode(line) for line in lines]
                 rs = perplexity_lines(lm.decoder, ids, n_ctx, pad_id=tok.pad_token_id or 0,
                                       n_bytes=[len(line.encode()) for line in lines],
-                                      per_token=per_token is not None, progress=progress)
+                                      per_token=per_token is not None, progress=progress, shard=shard)
                 results += [(f"{source}:{i + 1}", r) for i, r in enumerate(rs)]
                 continue
             ids = tok.encode(text)
-            common = dict(n_bytes=len(text.encode()), per_token=per_token is not None, progress=progress)
+            common = dict(n_bytes=len(text.encode()), per_token=per_token is not None, progress=progress, shard=shard)
             try:
                 if stride is not None:
                     r = perplexity_sliding(lm.decoder, ids, n_ctx, stride, **common)

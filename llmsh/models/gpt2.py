@@ -20,9 +20,11 @@ FUSED: dict = {}
 class GPT2Attention(nn.Module):
     def __init__(self, c: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.layer, self.h, self.d, self.c = layer, c.num_attention_heads, c.head_dim, c.hidden_size
-        self.c_attn = nn.Linear(c.hidden_size, 3 * c.hidden_size)   # fused q, k, v
-        self.c_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        # self.c: the width of q, k and v (hidden_size, or a tensor-parallel rank's share).
+        self.layer, self.h, self.d = layer, c.num_attention_heads, c.head_dim
+        self.c = self.h * self.d
+        self.c_attn = nn.Linear(c.hidden_size, 3 * self.c)   # fused q, k, v
+        self.c_proj = nn.Linear(self.c, c.hidden_size)
 
     def forward(self, x, cache, masks):
         b, t, _ = x.shape
