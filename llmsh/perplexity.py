@@ -90,10 +90,16 @@ def combine(results: Sequence[PerplexityResult], protocol: str | None = None) ->
         n_predictable=sum(r.n_predictable for r in results), stride=results[0].stride)
 
 
-class _Acc:
-    """float64 running sums, plus per-token lists when asked."""
+Observer = Callable[[Tensor, Tensor], None]
 
-    def __init__(self, per_token: bool):
+
+class _Acc:
+    """float64 running sums, plus per-token lists when asked; ``observe(logits, targets)`` (the
+    scored positions' float32 logits (N, V) and target ids (N,), in scoring order) sees every
+    batch, for what needs the whole distribution (top logprobs, KL divergence: llmsh.scoring)."""
+
+    def __init__(self, per_token: bool, observe: Observer | None = None):
+        self.observe = observe
         self.s = 0.0
         self.s2 = 0.0
         self.n = 0
@@ -102,6 +108,8 @@ class _Acc:
     def add(self, logits: Tensor, targets: Tensor, positions: Tensor | None = None) -> None:
         """logits (..., V) float at the scoring positions, targets (...) the ids they predict."""
         x = logits.float()
+        if self.observe is not None:
+            self.observe(x.reshape(-1, x.shape[-1]), targets.reshape(-1))
         nll = (torch.logsumexp(x, -1) - x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).double().flatten()
         self.s += float(nll.sum())
         self.s2 += float((nll * nll).sum())
@@ -137,7 +145,7 @@ def _as_tensor(ids) -> Tensor:
 @torch.no_grad()
 def perplexity_llamacpp(decoder, ids: Sequence[int] | Tensor, n_ctx: int, *, bos_id: int | None = None,
                         all_tokens: bool = False, batch_size: int | None = None, n_bytes: int = 0,
-                        per_token: bool = False,
+                        per_token: bool = False, observe: Observer | None = None,
                         progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
     """Perplexity as ``llama-perplexity`` computes it (llama.cpp tools/perplexity, ``perplexity()``).
 
@@ -147,7 +155,8 @@ def perplexity_llamacpp(decoder, ids: Sequence[int] | Tensor, n_ctx: int, *, bos
     evaluated from scratch (no cache); logits at positions n_ctx//2 … n_ctx−2 are scored against
     the next token (255 per window at n_ctx 512), or positions 0 … n_ctx−2 with ``all_tokens``.
     ``batch_size`` windows go through one forward pass (default: as many as fit ~256 MiB of
-    logits). ``progress(done, total)`` is called after each batch of windows.
+    logits). ``progress(done, total)`` is called after each batch of windows; ``observe``: see
+    :class:`_Acc` (it sees the positions in the order of ``token_positions``).
     Raises InputError when there are fewer than 2·n_ctx tokens (llama.cpp's requirement).
     """
     if n_ctx < 2:
@@ -161,7 +170,7 @@ def perplexity_llamacpp(decoder, ids: Sequence[int] | Tensor, n_ctx: int, *, bos
     batch_size = batch_size or _auto_batch(decoder, n_ctx - first)
     device = _device_of(decoder)
     windows = ids[: n_chunks * n_ctx].view(n_chunks, n_ctx)
-    acc = _Acc(per_token)
+    acc = _Acc(per_token, observe)
     for b0 in range(0, n_chunks, batch_size):
         chunk = windows[b0: b0 + batch_size]
         targets = chunk[:, first + 1:]
@@ -184,6 +193,7 @@ def perplexity_llamacpp(decoder, ids: Sequence[int] | Tensor, n_ctx: int, *, bos
 @torch.no_grad()
 def perplexity_sliding(decoder, ids: Sequence[int] | Tensor, n_ctx: int, stride: int, *,
                        batch_size: int | None = None, n_bytes: int = 0, per_token: bool = False,
+                       observe: Observer | None = None,
                        progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
     """Hugging Face's sliding-window perplexity ("Perplexity of fixed-length models").
 
@@ -192,6 +202,7 @@ def perplexity_sliding(decoder, ids: Sequence[int] | Tensor, n_ctx: int, stride:
     after the first is scored exactly once with up to n_ctx − stride tokens of extra context.
     Unlike the docs' loop, which weights each window's mean loss by (scored − 1), the mean here is
     over exactly the scored tokens. Full-length windows are batched ``batch_size`` at a time.
+    ``observe``: as in :func:`perplexity_llamacpp`.
     Raises InputError for fewer than 2 tokens or a stride outside 1 … n_ctx.
     """
     ids = _as_tensor(ids)
@@ -213,7 +224,7 @@ def perplexity_sliding(decoder, ids: Sequence[int] | Tensor, n_ctx: int, stride:
             break
     batch_size = batch_size or _auto_batch(decoder, n_ctx)
     device = _device_of(decoder)
-    acc = _Acc(per_token)
+    acc = _Acc(per_token, observe)
     i = 0
     while i < len(spans):
         length = spans[i][1] - spans[i][0]
