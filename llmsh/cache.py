@@ -71,6 +71,12 @@ class KVCache:
             raise ValueError(f"cannot trim a cache of {self.offset} positions to {n}")
         self.offset = n
 
+    def repeat_first_row(self) -> None:
+        """Copy row 0's valid positions into every other row, so that several continuations of one
+        prefix can run as a batch over it (prefix run once with batch 1, then B rows)."""
+        for t in self.k + self.v:
+            t[1:, :, : self.offset] = t[:1, :, : self.offset]
+
     def reset(self) -> None:
         """Forget every position."""
         self.trim(0)

@@ -13,7 +13,7 @@ tokens) but not that token itself. When the generator ends, ``cache.offset`` say
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -93,7 +93,8 @@ def prefill(decoder, ids: Sequence[int] | Tensor, cache, chunk_size: int = 512) 
 def generate_tokens(decoder, prompt_ids: Sequence[int], cache, params: SamplingParams, *,
                     max_new_tokens: int, eos_ids: Iterable[int] = (),
                     stats: GenerationStats | None = None, context_ids: Sequence[int] | None = None,
-                    generator: torch.Generator | None = None, chunk_size: int = 512) -> Iterator[int]:
+                    generator: torch.Generator | None = None, chunk_size: int = 512,
+                    on_logits: Callable[[Tensor, int], None] | None = None) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` token ids continuing ``context_ids + prompt_ids``.
 
     prompt_ids: tokens NOT yet in the cache (prefilled first); context_ids: the ``cache.offset``
@@ -103,6 +104,8 @@ def generate_tokens(decoder, prompt_ids: Sequence[int], cache, params: SamplingP
     "stop"), after ``max_new_tokens``, or when the cache is full (finish_reason "length").
     generator: a torch.Generator on the decoder's device; default: one seeded with ``params.seed``.
     If the consumer stops iterating early (Ctrl-C), ``stats.finish_reason`` stays None.
+    on_logits(logits, token): called before each token is yielded with the float32 logits (V,)
+    it was sampled from (the model's, before temperature and filters), e.g. for top logprobs.
 
     Raises InputError when the prompt does not fit in the cache, ValueError when ``context_ids``
     disagrees with ``cache.offset``. See the module docstring for what the cache holds afterwards.
@@ -153,6 +156,8 @@ def generate_tokens(decoder, prompt_ids: Sequence[int], cache, params: SamplingP
             return
         stats.generated_tokens += 1
         stats.token_ids.append(tok)
+        if on_logits is not None:
+            on_logits(logits, tok)
         yield tok
         if i + 1 == max_new_tokens or cache.offset >= cache.max_seq_len:
             break
@@ -192,7 +197,8 @@ def generate_text(decoder, tokenizer, prompt_ids: Sequence[int], cache, params: 
                   max_new_tokens: int, stop_strings: Sequence[str] = (), eos_ids: Iterable[int] | None = None,
                   stats: GenerationStats | None = None, context_ids: Sequence[int] | None = None,
                   generator: torch.Generator | None = None, skip_special: bool = True,
-                  chunk_size: int = 512) -> Iterator[str]:
+                  chunk_size: int = 512,
+                  on_logits: Callable[[Tensor, int], None] | None = None) -> Iterator[str]:
     """Stream the text of :func:`generate_tokens` in pieces, ending at EOS or a stop string.
 
     Text comes from ``tokenizer.stream_decoder(skip_special=...)`` so joined pieces equal the
@@ -200,6 +206,7 @@ def generate_text(decoder, tokenizer, prompt_ids: Sequence[int], cache, params: 
     it nor anything after it is emitted (finish_reason "stop"), and text that could still turn into
     a stop string is held back until it cannot. eos_ids default: ``tokenizer.eos_token_ids``.
     ``stats.token_ids`` keeps every generated id, including those of the stop string.
+    on_logits: as in :func:`generate_tokens`.
     Errors: as :func:`generate_tokens`.
     """
     stats = stats if stats is not None else GenerationStats()
@@ -209,7 +216,7 @@ def generate_text(decoder, tokenizer, prompt_ids: Sequence[int], cache, params: 
     stream = tokenizer.stream_decoder(skip_special=skip_special)
     tokens = generate_tokens(decoder, prompt_ids, cache, params, max_new_tokens=max_new_tokens,
                              eos_ids=eos_ids, stats=stats, context_ids=context_ids,
-                             generator=generator, chunk_size=chunk_size)
+                             generator=generator, chunk_size=chunk_size, on_logits=on_logits)
     pending = ""
     try:
         for tok in tokens:

@@ -90,6 +90,9 @@ def combine(results: Sequence[PerplexityResult], protocol: str | None = None) ->
         n_predictable=sum(r.n_predictable for r in results), stride=results[0].stride)
 
 
+Observer = Callable[[Tensor, Tensor], None]
+
+
 class _Turns:
     """Which batches this rank computes when scoring is sharded over ranks (data parallel):
     batch k belongs to rank k mod world. Without a shard every batch is this process's."""
@@ -108,10 +111,16 @@ class _Acc:
 
     Sharded (``shard``: a :class:`llmsh.distributed.Dist`), each rank keeps the partial sums of
     its own batches; :meth:`result` gathers them and adds them in batch order, so the totals are
-    those of one process to the last bit (given the same logits).
+    those of one process to the last bit (given the same logits). ``observe(logits, targets)`` (the
+    scored positions' float32 logits (N, V) and target ids (N,), in scoring order) sees every
+    batch, for what needs the whole distribution (top logprobs, KL divergence: llmsh.scoring);
+    it cannot be combined with a shard (it would see this rank's batches only).
     """
 
-    def __init__(self, per_token: bool, shard=None):
+    def __init__(self, per_token: bool, shard=None, observe: Observer | None = None):
+        if shard is not None and observe is not None:
+            raise ValueError("observe needs every batch: it does not work with a shard")
+        self.observe = observe
         self.s = 0.0
         self.s2 = 0.0
         self.n = 0
@@ -122,6 +131,8 @@ class _Acc:
     def add(self, logits: Tensor, targets: Tensor, positions: Tensor | None = None) -> None:
         """logits (..., V) float at the scoring positions, targets (...) the ids they predict."""
         x = logits.float()
+        if self.observe is not None:
+            self.observe(x.reshape(-1, x.shape[-1]), targets.reshape(-1))
         nll = (torch.logsumexp(x, -1) - x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).double().flatten()
         per = None
         if self.per is not None:
@@ -171,8 +182,8 @@ def _as_tensor(ids) -> Tensor:
 @torch.no_grad()
 def perplexity_llamacpp(decoder, ids: Sequence[int] | Tensor, n_ctx: int, *, bos_id: int | None = None,
                         all_tokens: bool = False, batch_size: int | None = None, n_bytes: int = 0,
-                        per_token: bool = False, progress: Callable[[int, int], None] | None = None,
-                        shard=None) -> PerplexityResult:
+                        per_token: bool = False, observe: Observer | None = None,
+                        progress: Callable[[int, int], None] | None = None, shard=None) -> PerplexityResult:
     """Perplexity as ``llama-perplexity`` computes it (llama.cpp tools/perplexity, ``perplexity()``).
 
     ids: the whole text's token ids (BOS first if the tokenizer adds one). The text is cut into
@@ -183,7 +194,8 @@ def perplexity_llamacpp(decoder, ids: Sequence[int] | Tensor, n_ctx: int, *, bos
     ``batch_size`` windows go through one forward pass (default: as many as fit ~256 MiB of
     logits). ``progress(done, total)`` is called after each batch of windows. ``shard`` (a
     :class:`llmsh.distributed.Dist`): this rank computes every world-th batch and the result,
-    the same on every rank, is one process's (see :class:`_Acc`).
+    the same on every rank, is one process's (see :class:`_Acc`); ``observe``: see :class:`_Acc`
+    (it sees the positions in the order of ``token_positions``).
     Raises InputError when there are fewer than 2·n_ctx tokens (llama.cpp's requirement).
     """
     if n_ctx < 2:
@@ -197,7 +209,7 @@ def perplexity_llamacpp(decoder, ids: Sequence[int] | Tensor, n_ctx: int, *, bos
     batch_size = batch_size or _auto_batch(decoder, n_ctx - first)
     device = _device_of(decoder)
     windows = ids[: n_chunks * n_ctx].view(n_chunks, n_ctx)
-    acc = _Acc(per_token, shard)
+    acc = _Acc(per_token, shard, observe)
     for b0 in range(0, n_chunks, batch_size):
         if not acc.turns():
             if progress is not None:
@@ -224,6 +236,7 @@ def perplexity_llamacpp(decoder, ids: Sequence[int] | Tensor, n_ctx: int, *, bos
 @torch.no_grad()
 def perplexity_sliding(decoder, ids: Sequence[int] | Tensor, n_ctx: int, stride: int, *,
                        batch_size: int | None = None, n_bytes: int = 0, per_token: bool = False,
+                       observe: Observer | None = None,
                        progress: Callable[[int, int], None] | None = None, shard=None) -> PerplexityResult:
     """Hugging Face's sliding-window perplexity ("Perplexity of fixed-length models").
 
@@ -232,7 +245,7 @@ def perplexity_sliding(decoder, ids: Sequence[int] | Tensor, n_ctx: int, stride:
     after the first is scored exactly once with up to n_ctx − stride tokens of extra context.
     Unlike the docs' loop, which weights each window's mean loss by (scored − 1), the mean here is
     over exactly the scored tokens. Full-length windows are batched ``batch_size`` at a time.
-    ``shard``: as :func:`perplexity_llamacpp`.
+    ``shard``, ``observe``: as :func:`perplexity_llamacpp`.
     Raises InputError for fewer than 2 tokens or a stride outside 1 … n_ctx.
     """
     ids = _as_tensor(ids)
@@ -254,7 +267,7 @@ def perplexity_sliding(decoder, ids: Sequence[int] | Tensor, n_ctx: int, stride:
             break
     batch_size = batch_size or _auto_batch(decoder, n_ctx)
     device = _device_of(decoder)
-    acc = _Acc(per_token, shard)
+    acc = _Acc(per_token, shard, observe)
     i = 0
     while i < len(spans):
         length = spans[i][1] - spans[i][0]

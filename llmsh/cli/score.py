@@ -11,7 +11,9 @@ import click
 from . import output, ranks
 from .ranks import tp_option
 from .common import CONTEXT_SETTINGS, arg_text, errors_option, load, model_options, quantize_option
+from . import ppl_kl
 from ..errors import InputError
+from ..files import PendingFile
 
 # The default protocol scores positions n_ctx/2 .. n_ctx-2 of each window: at least one at 4.
 MIN_N_CTX = 4
@@ -53,11 +55,23 @@ def _result_line(source, r) -> str:
               help="Write every scored token as JSONL (source, position, id, text, logprob) to FILE "
                    "(- for stdout). A regular file is replaced only when scoring succeeds; a device "
                    "or FIFO is written through; a link is followed; an input FILE is refused.")
+@click.option("--top-logprobs", type=click.IntRange(1), default=None, metavar="K",
+              help="With --per-token: each token's row also lists the K most likely tokens there "
+                   "(id, text, logprob in nats).")
+@click.option("--kl-base", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Save this run's log-probabilities (each scored position's top --kl-top-k "
+                   "tokens, float16, and the rest's mass) to FILE, the reference for --kl-divergence.")
+@click.option("--kl-divergence", type=click.Path(dir_okay=False, exists=True), metavar="FILE",
+              help="Score the tokens saved in FILE by --kl-base (no text argument; same protocol) "
+                   "and report the KL divergence from that reference, the share of positions with "
+                   "the same top token and the perplexity ratio.")
+@click.option("--kl-top-k", type=click.IntRange(1), default=100, show_default=True, metavar="K",
+              help="Tokens per position --kl-base keeps; a K of at least the vocabulary keeps all.")
 @errors_option
 @quantize_option
 @tp_option
-def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line, as_json, per_token, errors,
-               quantize, tp):
+def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line, as_json, per_token,
+               top_logprobs, kl_base, kl_divergence, kl_top_k, errors, quantize, tp):
     """Score text: perplexity ± standard error, mean NLL, bits per byte (alias: ppl).
 
     Each FILE (or stdin, or -) is read whole, with one trailing newline removed, and scored with
@@ -72,8 +86,12 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
       llmsh ppl --n-ctx 256 --json a.txt b.txt
       llmsh perplexity --stride 256 --n-ctx 512 book.txt
       llmsh ppl --each-line --json < sentences.txt | jq .perplexity
+      llmsh ppl --per-token tokens.jsonl --top-logprobs 5 book.txt
+      llmsh ppl --kl-base ref.kl book.txt && llmsh ppl --kl-divergence ref.kl --quantize int4
     """
+    from ..kl import KLBase, KLCompare
     from ..perplexity import combine, perplexity_lines, perplexity_llamacpp, perplexity_sliding
+    from ..scoring import TopLogprobs
 
     if stride is not None and all_tokens:
         raise click.UsageError("--stride and --all-tokens are different protocols: use one")
@@ -82,14 +100,46 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
                                f"{'--stride' if stride is not None else '--all-tokens'}")
     if stride is not None and stride > n_ctx:
         raise click.BadParameter(f"{stride} is larger than --n-ctx ({n_ctx})", param_hint="'--stride'")
-    sources = list(files) or ["-"]
-    if sources == ["-"] and output.stdin_is_terminal():
-        raise click.UsageError("give FILE arguments or pipe text on stdin")
+    if top_logprobs and not per_token:
+        raise click.UsageError("--top-logprobs adds to the --per-token rows: give --per-token FILE")
+    base = None
+    ctx = click.get_current_context()
+    if kl_base or kl_divergence:
+        if kl_base and kl_divergence:
+            raise click.UsageError("--kl-base saves a reference and --kl-divergence compares with one: use one")
+        if each_line:
+            raise click.UsageError("--kl-base/--kl-divergence score one text: they do not take --each-line")
+        if kl_base and len(files) > 1:
+            raise click.UsageError("--kl-base saves the reference of one text: give one FILE")
+    if kl_divergence:
+        from ..kl import load_base
+
+        if files:
+            raise click.UsageError("--kl-divergence scores the tokens saved in its FILE: give no text")
+        given = [p for p in ("n_ctx", "stride", "all_tokens") if ctx.get_parameter_source(p).name != "DEFAULT"]
+        if given:
+            raise click.UsageError(f"--kl-divergence uses the reference's protocol: drop "
+                                   f"--{given[0].replace('_', '-')}")
+        base = load_base(kl_divergence)
+        n_ctx, stride, all_tokens = ppl_kl.base_protocol(base[1]).values()
+        texts = [(kl_divergence, None)]
+        sources = [kl_divergence]
+    else:
+        sources = list(files) or ["-"]
+        if sources == ["-"] and output.stdin_is_terminal():
+            raise click.UsageError("give FILE arguments or pipe text on stdin")
+        texts = None
     group, mode = ranks.setup(tp, device, data_parallel=True)
-    texts = ranks.shared(group, lambda: [(s if s != "-" else "<stdin>",
-                                          _strip_one_newline(output.read_file(s, errors=errors)))
-                                         for s in sources])
+    if texts is None:
+        texts = ranks.shared(group, lambda: [(s if s != "-" else "<stdin>",
+                                              _strip_one_newline(output.read_file(s, errors=errors)))
+                                             for s in sources])
     shard = group if mode == "dp" else None      # windows (or lines) shared among the ranks
+    if shard is not None and (top_logprobs or kl_base or kl_divergence):
+        raise click.UsageError("--top-logprobs and --kl-* see every position: give --tp, or run one process")
+    if kl_base:             # created now, to fail before the model loads; replaced only at the end
+        kl_file = PendingFile(kl_base)
+        ctx.call_on_close(kl_file.discard)
     per_token_file = None
     if per_token is not None and (group is None or group.rank == 0):
         # Opened now, to fail before the model loads; replaced only at the end.
@@ -97,8 +147,10 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
         click.get_current_context().call_on_close(per_token_file.discard)
     lm = load(model, device, dtype, quantize, tensor_parallel=group if mode == "tp" else None)
     tok = lm.tokenizer
+    if base is not None:
+        ppl_kl.check_vocab(base[1], lm.config.vocab_size, kl_divergence)
     if n_ctx > lm.n_ctx_max:
-        if click.get_current_context().get_parameter_source("n_ctx").name != "DEFAULT":
+        if ctx.get_parameter_source("n_ctx").name != "DEFAULT" or base is not None:
             raise InputError(f"--n-ctx {n_ctx} is larger than the model's context ({lm.n_ctx_max} tokens)")
         n_ctx = lm.n_ctx_max
     bos_id = tok.bos_token_id if tok.add_bos else None
@@ -116,8 +168,11 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
                                       per_token=per_token is not None, progress=progress, shard=shard)
                 results += [(f"{source}:{i + 1}", r) for i, r in enumerate(rs)]
                 continue
-            ids = tok.encode(text)
-            common = dict(n_bytes=len(text.encode()), per_token=per_token is not None, progress=progress, shard=shard)
+            ids = tok.encode(text) if base is None else base[0]["tokens"].tolist()
+            top = TopLogprobs(top_logprobs) if top_logprobs else None
+            kl_obs = KLBase(kl_top_k) if kl_base else KLCompare(base[0]) if base is not None else None
+            common = dict(n_bytes=len(text.encode()) if text is not None else 0, per_token=per_token is not None,
+                          progress=progress, observe=ppl_kl.chain(top, kl_obs), shard=shard)
             try:
                 if stride is not None:
                     r = perplexity_sliding(lm.decoder, ids, n_ctx, stride, **common)
@@ -127,12 +182,30 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
             except InputError as e:
                 hint = "" if stride is not None else " (a smaller -c/--n-ctx, or --stride, scores shorter texts)"
                 raise InputError(f"{source}: {e}{hint}") from None
+            r.top_logprobs = top.rows if top is not None else None
             results.append((source, r))
+            if isinstance(kl_obs, KLCompare):
+                kl = kl_obs.result()
+                if as_json:
+                    click.echo(json.dumps(ppl_kl.kl_dict(source, kl, r)))
+                else:
+                    click.echo("\n".join(ppl_kl.kl_lines(source, kl, r)))
+                continue
             if not as_json:  # results appear as each file is done
                 click.echo(_result_line(source, r))
+    if kl_base:
+        try:    # safetensors writes the (still empty) temporary file by its name
+            kl_obs.save(kl_file.tmp, ids, {"protocol": r.protocol, "n_ctx": r.n_ctx, "stride": r.stride,
+                                           "vocab_size": lm.config.vocab_size, "model": lm.path})
+        except OSError as e:
+            raise InputError(f"cannot write {kl_base}: {e.strerror or e}") from None
+        kl_file.commit()
+        output.notice(f"saved the reference log-probabilities of {r.n_tokens} positions to {kl_base}")
     if per_token_file is not None:
         _write_per_token(per_token_file, results, tok)
         per_token_file.commit()
+    if base is not None:
+        return
     if as_json:
         for source, r in results:
             click.echo(json.dumps(_result_dict(source, r)))
@@ -149,9 +222,12 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
 
 def _write_per_token(out, results, tok) -> None:
     for source, r in results:
-        for pos, tid, nll in zip(r.token_positions or [], r.token_ids or [], r.token_nll or []):
-            out.write(json.dumps({"source": source, "position": pos, "id": tid,
-                                  "text": tok.decode([tid]), "logprob": -nll}, ensure_ascii=False) + "\n")
+        tops = getattr(r, "top_logprobs", None) or []
+        for i, (pos, tid, nll) in enumerate(zip(r.token_positions or [], r.token_ids or [], r.token_nll or [])):
+            row = {"source": source, "position": pos, "id": tid, "text": tok.decode([tid]), "logprob": -nll}
+            if tops:
+                row["top_logprobs"] = ppl_kl.top_entries(tok, tops[i])
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _strip_one_newline(text: str) -> str:
