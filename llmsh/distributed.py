@@ -191,7 +191,7 @@ def _rule(name: str) -> tuple[str | None, str]:
     return None, leaf
 
 
-def _slice(sl, shape, rule: str, leaf: str, shard: Shard, config, transposed: bool):
+def _slice(sl, rule: str, leaf: str, shard: Shard, config, transposed: bool):
     """The rank's part of one checkpoint tensor through safetensors' slice object ``sl``."""
     import torch
 
@@ -260,7 +260,7 @@ def load_tp_decoder(model_dir, config, shard: Shard, *, device="auto", dtype="au
                 raise WeightsError(f"{path}: unexpected tensor {ours!r} for a {config.model_type} model")
             rule, leaf = _rule(ours)
             sl = f.get_slice(key)
-            t = sl[:] if rule is None else _slice(sl, sl.get_shape(), rule, leaf, shard, config,
+            t = sl[:] if rule is None else _slice(sl, rule, leaf, shard, config,
                                                   _transposed(config, ours))
             if rule is None and _transposed(config, ours):
                 t = t.t().contiguous()

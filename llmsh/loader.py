@@ -87,30 +87,15 @@ def load_model(
     Raises:
         ModelNotFoundError, ConfigError, WeightsError, TokenizerError, ConvertError.
     """
-    from . import hub
     from .config import ModelConfig
     from .tokenizer import Tokenizer
-    from .weights import load_decoder
 
     t0 = time.perf_counter()
-    quantize = None if quantize in (None, "none") else quantize
-    tp = tensor_parallel
-    if tp is None:
-        path = hub.resolve_model(model if model is not None else hub.DEFAULT_MODEL,
-                                 auto_pull=auto_pull, notice=notice)
-    else:           # one pull, by rank 0; the others wait for its answer
-        from .distributed import load_tp_decoder, plan
-
-        path = tp.broadcast(_resolve_or_error(hub, model, auto_pull, notice) if tp.rank == 0 else None)
-        if isinstance(path, Exception):
-            raise path
+    path = resolve_path(model, auto_pull=auto_pull, notice=notice, tensor_parallel=tensor_parallel)
     config = ModelConfig.from_file(path)
     tokenizer = Tokenizer.from_dir(path)
-    if tp is None:
-        decoder = load_decoder(path, config, device=device, dtype=dtype, quantize=quantize)
-    else:
-        shard = plan(config, tp.world)[tp.rank]          # refuses an impossible split before reading
-        decoder = load_tp_decoder(path, config, shard, device=device, dtype=dtype, quantize=quantize)
+    decoder = build_decoder(path, config, device=device, dtype=dtype, quantize=quantize,
+                            tensor_parallel=tensor_parallel)
     param = next(decoder.parameters())
     return LoadedModel(
         path=Path(path),
@@ -124,12 +109,48 @@ def load_model(
     )
 
 
-def _resolve_or_error(hub, model, auto_pull, notice):
-    """The resolved model path, or the one-line error resolving it raised (to broadcast)."""
+
+def resolve_path(model, *, auto_pull: bool = True, notice: Callable[[str], None] | None = None,
+                 tensor_parallel=None) -> Path:
+    """The folder of ``model`` (None: the default model), pulled or converted if needed. In a
+    group (``tensor_parallel``, a :class:`llmsh.distributed.Dist`) rank 0 alone resolves (one
+    pull) and the others get its answer, or its error.
+
+    Raises:
+        ModelNotFoundError, PullError, ConvertError: as :func:`llmsh.hub.resolve_model`.
+    """
+    from . import hub
     from .errors import LlmshError
 
-    try:
+    def resolve():
         return hub.resolve_model(model if model is not None else hub.DEFAULT_MODEL,
                                  auto_pull=auto_pull, notice=notice)
-    except LlmshError as e:
-        return e
+
+    if tensor_parallel is None:
+        return resolve()
+    answer = None
+    if tensor_parallel.rank == 0:
+        try:
+            answer = resolve()
+        except LlmshError as e:       # sent to the other ranks, so every rank fails alike
+            answer = e
+    answer = tensor_parallel.broadcast(answer)
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
+
+
+def build_decoder(path, config, *, device="auto", dtype="auto", quantize: str | None = None,
+                  tensor_parallel=None):
+    """The decoder of the folder ``path``: :func:`llmsh.weights.load_decoder`, or in a group
+    this rank's share (:func:`llmsh.distributed.load_tp_decoder`; an impossible split is refused
+    before any weight is read). ``quantize``: None, "none", "int8" or "int4"."""
+    quantize = None if quantize in (None, "none") else quantize
+    if tensor_parallel is None:
+        from .weights import load_decoder
+
+        return load_decoder(path, config, device=device, dtype=dtype, quantize=quantize)
+    from .distributed import load_tp_decoder, plan
+
+    shard = plan(config, tensor_parallel.world)[tensor_parallel.rank]
+    return load_tp_decoder(path, config, shard, device=device, dtype=dtype, quantize=quantize)

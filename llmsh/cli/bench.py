@@ -48,27 +48,17 @@ def bench(model, device, dtype, prompt_tokens, new_tokens, repetitions, quantize
 
     import torch
 
-    from .. import hub
     from ..bench import format_bench, run_bench
     from ..config import ModelConfig
-    from ..loader import LoadedModel
-    from ..weights import load_decoder
+    from ..loader import LoadedModel, build_decoder, resolve_path
 
     if threads:
         torch.set_num_threads(threads)
     group, _ = ranks.setup(tp, device)
     t0 = time.perf_counter()
-    path = ranks.shared(group, lambda: hub.resolve_model(model if model is not None else hub.DEFAULT_MODEL,
-                                                         notice=output.notice))
+    path = resolve_path(model, notice=output.notice, tensor_parallel=group)
     config = ModelConfig.from_file(path)
-    q = None if quantize == "none" else quantize
-    if group is None:
-        dec = load_decoder(path, config, device=device, dtype=dtype, quantize=q)
-    else:
-        from ..distributed import load_tp_decoder, plan
-
-        dec = load_tp_decoder(path, config, plan(config, group.world)[group.rank], device=device,
-                              dtype=dtype, quantize=q)
+    dec = build_decoder(path, config, device=device, dtype=dtype, quantize=quantize, tensor_parallel=group)
     lm = LoadedModel(path=path, config=config, decoder=dec, tokenizer=None,
                      load_seconds=time.perf_counter() - t0)
     r = run_bench(lm, prompt_tokens, new_tokens, repetitions, compile=compile_,
