@@ -77,6 +77,7 @@ def _single(model_dir, quantize=None):
 
 TP_CASES = {
     "llama": {}, "llama_bias_tied": {}, "mistral": {}, "qwen2": {}, "gpt2": {},
+    "qwen3": {}, "gemma3": {},
     # 3 KV heads over 2 ranks: uneven shares.
     "llama_uneven": dict(arch="llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=96),
 }

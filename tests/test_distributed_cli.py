@@ -92,3 +92,49 @@ def test_perplexity_tp2_matches(chat_model, env, tmp_path):
     x, y = json.loads(one.stdout), json.loads(two.stdout)
     assert y["n_tokens"] == x["n_tokens"]
     assert abs(y["perplexity"] - x["perplexity"]) <= 1e-6 * x["perplexity"]
+
+
+# The default model (SmolLM2-135M-Instruct: 9 query heads and 3 KV heads, split 2 + 1 over two
+# ranks) under the same commands, in the float32 reference precision.
+DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from llmsh import hub
+
+    try:
+        return hub.pull(hub.DEFAULT_MODEL)
+    except hub.PullError as e:
+        pytest.skip(f"cannot pull the default model: {e}")
+
+
+@pytest.fixture
+def default_env(env):
+    # The suite's cache (conftest), where the default model was pulled, not a per-test empty one.
+    return {**env, "LLMSH_HOME": os.environ["LLMSH_HOME"]}
+
+
+@pytest.mark.default_model
+def test_default_model_generate_tp2_is_single(default_model, default_env):
+    args = ["generate", "-m", str(default_model), "--dtype", "float32", "--quantize", "none",
+            "--temperature", "0", "-n", "32", "--json", "What is the capital of France?"]
+    one = llmsh(args, env=default_env)
+    two = llmsh([*args, "--tp", "2"], env=default_env)
+    assert one.returncode == two.returncode == 0, two.stderr
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert b["tokens"] == a["tokens"] and b["text"] == a["text"]
+    assert "Paris" in a["text"]
+
+
+@pytest.mark.default_model
+def test_default_model_torchrun_perplexity_is_single(default_model, default_env):
+    text = DATA / "gpl-3.txt"
+    if not text.is_file():
+        pytest.skip(f"{text} not found (the ../shared folder of the workspace)")
+    args = ["perplexity", "-m", str(default_model), "--dtype", "float32", "--quantize", "none",
+            "-c", "256", "--json", str(text)]
+    one = llmsh(args, env=default_env, timeout=600)
+    two = llmsh(args, env=default_env, launcher=torchrun(), timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout
