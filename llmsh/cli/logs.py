@@ -118,12 +118,14 @@ class ChatLogger:
                 cid, parent = new_conversation_id(), None
                 context = [m.to_dict() for m in msgs[:-2]] or None
         m = session.model
-        st = session.last_stats
+        fields = _stats_fields(session.last_stats)
+        if reply.ids is not None:  # an interrupted reply: the tokens it kept, not those computed
+            fields["completion_tokens"] = len(reply.ids)
         try:
             row = self.store.record(Exchange(
                 cid, "chat", prompt.content, reply.content, model=m.path.name, model_path=str(m.path),
                 options=options(session.params, max_tokens=session.max_tokens, n_ctx=session.n_ctx),
-                system=session.system, context=context, parent_id=parent, **_stats_fields(st)))
+                system=session.system, context=context, parent_id=parent, **fields))
         except LogError as e:
             self.warn(f"warning: logging stopped for this chat: {e}")
             self.store.close()
