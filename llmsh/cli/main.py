@@ -345,8 +345,8 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
       /read FILE            send the file's contents as the message
       /stats                toggle the statistics line after each reply
 
-    Each reply is logged (see "llmsh logs"; --no-log not): "llmsh chat -c" continues the latest
-    conversation, "--cid ID" another.
+    Each exchange is logged (see "llmsh logs"; not with --no-log): "llmsh chat -c" continues the
+    latest conversation, "--cid ID" another, its messages re-encoded through the template.
     """
     import io
 
