@@ -355,3 +355,12 @@ def test_chat_continue_and_cid(log, chat_model):  # noqa: F811
 def test_chat_continue_without_a_log_is_an_error(log, chat_model):  # noqa: F811
     r = run(["chat", "-m", str(chat_model), "-c"], input="x\n")
     assert r.exit_code == 1 and r.stderr.startswith("llmsh: error: no log yet")
+
+
+def test_logs_does_not_import_torch(log):
+    check = ("import sys\nfrom llmsh.cli import cli\ncli.main(['logs', 'status'], standalone_mode=False)\n"
+             "assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr
+    assert "Logging is on" in r.stdout and "nothing logged yet" in r.stdout

@@ -164,7 +164,7 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
     if log is not None or resume is not None:
         from .logs import attach
 
-        attach(session, log, resume, p.info)
+        attach(session, log, resume, p.notice)
     if interactive is None:
         interactive = input is not None or is_terminal(stdin)
     if not interactive:
