@@ -261,8 +261,14 @@ class LogStore:
             self.con.execute("BEGIN IMMEDIATE")  # take the write lock now (busy timeout applies)
 
         def __exit__(self, exc_type, exc, tb):
-            # Any exception, KeyboardInterrupt included, rolls the whole exchange back.
-            self.con.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            # Any exception, KeyboardInterrupt included, rolls the whole exchange back; so does a
+            # failed COMMIT (disk full), so that the connection is not left inside a transaction.
+            try:
+                self.con.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            except BaseException:
+                if self.con.in_transaction:
+                    self.con.execute("ROLLBACK")
+                raise
             return False
 
     def _transaction(self):

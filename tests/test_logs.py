@@ -66,6 +66,8 @@ def test_new_log_is_private_wal_and_versioned(log):
         s.record(Exchange("c1", "chat", "hello", "hi"))
         assert s.con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert s.con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        for side in ("logs.db-wal", "logs.db-shm"):  # SQLite gives them the database's mode
+            assert stat.S_IMODE(log.with_name(side).stat().st_mode) == 0o600
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
     assert stat.S_IMODE(log.parent.stat().st_mode) == 0o700
     assert [r["reply"] for r in rows(log)] == ["hi"]
