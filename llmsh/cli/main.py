@@ -310,7 +310,7 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
 @click.option("-c", "--continue", "continue_", is_flag=True,
               help="Continue the latest logged conversation (see 'llmsh logs'): its messages are "
                    "re-encoded through the model's chat template. Without -m, with its model when "
-                   "that folder still exists.")
+                   "that folder still exists; --system replaces its system message.")
 @click.option("--cid", metavar="ID", help="Continue the logged conversation ID (or the start of one).")
 @no_log_option
 @errors_option
