@@ -366,3 +366,12 @@ def test_logs_does_not_import_torch(log):
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0, r.stderr
     assert "Logging is on" in r.stdout and "nothing logged yet" in r.stdout
+
+
+def test_logs_without_a_log_and_bad_arguments(log):
+    r = ok(["logs"])
+    assert r.stdout == "" and "nothing logged yet" in r.stderr and not log.exists()
+    r = run(["logs", "-q", "  "])
+    assert r.exit_code == 1 and r.stderr.startswith("llmsh: error: empty -q/--query")
+    r = run(["logs", "sideways"])
+    assert r.exit_code == 2 and "Traceback" not in r.stderr
