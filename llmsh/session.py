@@ -79,6 +79,9 @@ class ChatSession:
             self._notice("the model has no chat template; using a plain fallback template")
         self._generator = None
         self._saved = (None, [])  # what was last saved or loaded: see :attr:`modified`
+        # Called with this session after each reply has ended (complete or interrupted, the reply
+        # the last message): the conversation log's hook (llmsh.cli.logs.ChatLogger).
+        self.on_reply: Callable[["ChatSession"], None] | None = None
 
     # --- conversation editing -------------------------------------------------------------------
 
@@ -200,6 +203,8 @@ class ChatSession:
             if done or reply_ids:
                 content = "".join(pieces) if done else tok.decode(reply_ids, skip_special=True)
                 self.messages.append(Message("assistant", content, interrupted=not done, ids=reply_ids))
+                if self.on_reply is not None:
+                    self.on_reply(self)
             else:
                 on_nothing()
 
@@ -290,5 +295,10 @@ class ChatSession:
         """Replace the conversation (system message and messages) with one saved by :meth:`save`.
 
         Raises InputError when the file is missing, not JSON, or not a saved conversation."""
-        self.system, self.messages = read_conversation(path)
+        self.restore(*read_conversation(path))
+
+    def restore(self, system: str | None, messages: list[Message]) -> None:
+        """Replace the conversation with ``system`` and ``messages`` (from a file or the log),
+        counted as unmodified; the next turn re-encodes it all (one prefill rebuilds the cache)."""
+        self.system, self.messages = system or None, list(messages)
         self._saved = self._snapshot()

@@ -21,7 +21,8 @@ import sys
 import click
 
 from .. import __version__
-from . import output, ranks
+from . import logs, output, ranks
+from .logs import no_log_option
 from .ranks import tp_option
 from .common import (CONTEXT_SETTINGS, arg_text, compile_option, encode_chat, errors_option, load,
                          model_options, quantize_option, read_prompt, sampling_options, sampling_params,
@@ -124,7 +125,8 @@ class LlmshGroup(click.Group):
         sys.exit(code)
 
 
-_COMMAND_ORDER = ["chat", "generate", "perplexity", "tokenize", "info", "models", "pull", "convert", "bench"]
+_COMMAND_ORDER = ["chat", "generate", "perplexity", "tokenize", "logs", "info", "models", "pull", "convert",
+                  "bench"]
 
 
 def _order(name: str):
@@ -208,8 +210,10 @@ def _write_json(obj) -> None:
 @quantize_option
 @compile_option
 @tp_option
+@no_log_option
 def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx, temperature, top_k,
-             top_p, min_p, repetition_penalty, seed, stop, stats, as_json, errors, quantize, compile_, tp):
+             top_p, min_p, repetition_penalty, seed, stop, stats, as_json, errors, quantize, compile_, tp,
+             no_log):
     """Generate one reply to PROMPT and stream it to stdout.
 
     The prompt is the arguments joined by spaces. When stdin is not a terminal, its content comes
@@ -265,18 +269,26 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
     st = GenerationStats()
     pieces = generate_text(lm.decoder, tok, ids, cache, params, max_new_tokens=max_tokens,
                            stop_strings=list(stop), eos_ids=lm.eos_ids, stats=st)
-    if as_json:
-        reply = "".join(pieces)
-        _write_json({"text": reply, "tokens": st.token_ids, "finish_reason": st.finish_reason,
-                     "prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens,
-                     "n_ctx": n_ctx, "timings": timings(st)})
-    else:
-        out = output.StreamWriter()
-        try:
-            for piece in pieces:
-                out.write(piece)
-        finally:
-            out.finish()
+    log = logs.open_for_logging(no_log or (group is not None and group.rank > 0))
+    got: list[str] = []
+    try:
+        if as_json:
+            got.extend(pieces)
+            _write_json({"text": "".join(got), "tokens": st.token_ids, "finish_reason": st.finish_reason,
+                         "prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens,
+                         "n_ctx": n_ctx, "timings": timings(st)})
+        else:
+            out = output.StreamWriter()
+            try:
+                for piece in pieces:
+                    got.append(piece)
+                    out.write(piece)
+            finally:
+                out.finish()
+    finally:  # also a reply cut short by Ctrl-C or an error: see record_generate
+        logs.record_generate(log, lm, kind="generate" if chat_mode else "raw", system=system,
+                             prompt=text, reply="".join(got), stats=st,
+                             options=logs.options(params, max_tokens=max_tokens, n_ctx=n_ctx, stop=list(stop)))
     if stats:
         output.notice(output.stats_line(st, context_used=cache.offset, n_ctx=n_ctx))
 
@@ -295,11 +307,17 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
               help="Do not read or write the input history file, chat_history in the user data "
                    "folder (Linux: ~/.local/share/llmsh/chat_history; macOS: ~/Library/Application "
                    "Support/llmsh/chat_history).")
+@click.option("-c", "--continue", "continue_", is_flag=True,
+              help="Continue the latest logged conversation (see 'llmsh logs'): its messages are "
+                   "re-encoded through the model's chat template. Without -m, with its model when "
+                   "that folder still exists; --system replaces its system message.")
+@click.option("--cid", metavar="ID", help="Continue the logged conversation ID (or the start of one).")
+@no_log_option
 @errors_option
 @quantize_option
 @compile_option
 def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, top_p, min_p,
-         repetition_penalty, seed, stats, no_history, errors, quantize, compile_):
+         repetition_penalty, seed, stats, no_history, continue_, cid, no_log, errors, quantize, compile_):
     """Chat with a model in the terminal (type /help for commands, Ctrl-D to quit).
 
     The conversation's KV cache is kept across turns, so each turn only processes the new
@@ -326,6 +344,9 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
       /load FILE            read a conversation saved with /save
       /read FILE            send the file's contents as the message
       /stats                toggle the statistics line after each reply
+
+    Each exchange is logged (see "llmsh logs"; not with --no-log): "llmsh chat -c" continues the
+    latest conversation, "--cid ID" another, its messages re-encoded through the template.
     """
     import io
 
@@ -340,19 +361,28 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
         piped = output.read_stdin()
         if not piped.strip():
             raise InputError("empty input on stdin: nothing to send")
+    resume = logs.find_conversation(cid) if continue_ or cid else None
+    if resume is not None and model is None and resume.model_path and os.path.isdir(resume.model_path):
+        model = resume.model_path  # the conversation's own model, unless -m says otherwise
     lm = load(model, device, dtype, quantize)
     params = sampling_params(lm.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     setup_decoding(lm, max_tokens, compile_)   # automatic: by the per-reply limit (-n)
-    return run_chat(lm, params=params, n_ctx=n_ctx, system=system, max_tokens=max_tokens,
-                    stats=stats, history=not no_history,
-                    stdin=io.StringIO(piped) if piped is not None else None)
+    store = logs.open_for_logging(no_log)
+    try:
+        return run_chat(lm, params=params, n_ctx=n_ctx, system=system, max_tokens=max_tokens,
+                        stats=stats, history=not no_history,
+                        stdin=io.StringIO(piped) if piped is not None else None,
+                        log=logs.ChatLogger(store, output.notice) if store else None, resume=resume)
+    finally:
+        if store is not None:
+            store.close()
 
 
 from .manage import convert, info, models, pull  # noqa: E402  (they use the helpers above)
 from .score import perplexity, tokenize  # noqa: E402
 
-for _cmd in (perplexity, tokenize, info, models, pull, convert):
+for _cmd in (perplexity, tokenize, info, models, pull, convert, logs.logs):
     cli.add_command(_cmd)
 
 

@@ -41,6 +41,14 @@ The model used when \\fB\\-m\\fR is not given (a folder, a .gguf file or a regis
 The model cache (default: the user cache directory, e.g. \\fI~/.cache/llmsh\\fR); pulled models
 live in \\fI$LLMSH_HOME/models/NAME\\fR, converted .gguf files in \\fI$LLMSH_HOME/gguf/SHA256\\fR.
 .TP
+.B LLMSH_LOG
+\\fBoff\\fR (or 0, false, no): do not log chat turns and generations; \\fBon\\fR: log them even
+after \\fBllmsh logs off\\fR.
+.TP
+.B LLMSH_LOG_PATH
+The conversation log database (default: \\fIlogs.db\\fR under \\fI$LLMSH_HOME\\fR when that is set,
+else in the user data directory, e.g. \\fI~/.local/share/llmsh/logs.db\\fR).
+.TP
 .B NO_COLOR
 When set to a non\\-empty value, no colour is used even on a terminal.
 .SH EXIT STATUS

@@ -132,7 +132,7 @@ def read_message(prompt, notice=None) -> str:
 def run_chat(model, *, system: str | None = None, params=None, max_tokens: int | None = None,
              n_ctx: int | None = None, stats: bool = False, history: bool | str | Path = True,
              input=None, output=None, stdin=None, stdout=None, stderr=None,
-             interactive: bool | None = None) -> int:
+             interactive: bool | None = None, log=None, resume=None) -> int:
     """Run ``llmsh chat`` on ``model`` (a LoadedModel); return the exit status (0).
 
     Args:
@@ -144,6 +144,8 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
         stdin, stdout, stderr: text streams (default sys.*): stdin is read whole when not
             interactive; replies go to stdout, notices and statistics to stderr.
         interactive: default: True when ``input`` is given or stdin is a terminal.
+        log, resume: a :class:`llmsh.cli.logs.ChatLogger` to record each reply; a logged
+            :class:`llmsh.logstore.Conversation` to continue (see :func:`llmsh.cli.logs.attach`).
 
     Raises:
         InputError: not interactive and stdin is empty, or the message does not fit the context.
@@ -159,6 +161,10 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
         params = SamplingParams.from_generation_config(model.generation_config)
     session = ChatSession(model, system=system, params=params, max_tokens=max_tokens, n_ctx=n_ctx,
                           notice=p.notice)
+    if log is not None or resume is not None:
+        from .logs import attach
+
+        attach(session, log, resume, p.notice)
     if interactive is None:
         interactive = input is not None or is_terminal(stdin)
     if not interactive:
