@@ -20,7 +20,7 @@ from ..errors import InputError
               help="llama-perplexity --hellaswag text instead: 6 lines per task (context, label "
                    "0..3, 4 endings).")
 @model_options
-@click.option("--delimiter", default=" ", show_default=True, metavar="TEXT",
+@click.option("--delimiter", default=" ", show_default="a space", metavar="TEXT",
               help="Put between the context and each choice (lm-evaluation-harness's "
                    "target_delimiter); --delimiter '' joins them as given.")
 @click.option("--limit", type=click.IntRange(1), default=None, metavar="N",
