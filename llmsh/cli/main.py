@@ -32,7 +32,7 @@ from .routing import route
 
 # Commands that live in their own modules, imported only when used (or listed by --help).
 # issue 5: a module llmsh/cli_bench.py defining the click command `bench` is picked up here.
-_LAZY_COMMANDS = {"bench": ("llmsh.cli.bench", "bench")}
+_LAZY_COMMANDS = {"bench": ("llmsh.cli.bench", "bench"), "score": ("llmsh.cli.choices", "score")}
 _ALIASES = {"ppl": "perplexity"}
 EXIT_INTERRUPT = 130
 
@@ -125,8 +125,8 @@ class LlmshGroup(click.Group):
         sys.exit(code)
 
 
-_COMMAND_ORDER = ["chat", "generate", "perplexity", "tokenize", "logs", "info", "models", "pull", "convert",
-                  "bench"]
+_COMMAND_ORDER = ["chat", "generate", "perplexity", "score", "tokenize", "logs", "info", "models", "pull",
+                  "convert", "bench"]
 
 
 def _order(name: str):

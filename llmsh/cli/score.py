@@ -12,6 +12,7 @@ from . import output, ranks
 from .ranks import tp_option
 from .common import CONTEXT_SETTINGS, arg_text, errors_option, load, model_options, quantize_option
 from . import ppl_kl
+from .show import show_options
 from ..errors import InputError
 from ..files import PendingFile
 
@@ -40,6 +41,7 @@ def _result_line(source, r) -> str:
 
 
 @click.command(context_settings=CONTEXT_SETTINGS, short_help="Score text: perplexity, NLL, bits per byte (alias: ppl).")
+@show_options
 @click.argument("files", nargs=-1, metavar="[FILE]...")
 @model_options
 @click.option("-c", "--n-ctx", type=click.IntRange(MIN_N_CTX), default=512, show_default=True,
