@@ -273,11 +273,13 @@ def _loadable(folder: Path, *, notice=None, progress: Progress | None = None, fo
     if (folder / "config.json").is_file():
         return folder
     info = _read_source(folder)
-    gguf = info.get("gguf")
-    if not gguf or not (folder / gguf).is_file():
-        return folder
+    gguf, sha = info.get("gguf"), info.get("sha256")
+    if not isinstance(gguf, str) or Path(gguf).name != gguf or not (folder / gguf).is_file():
+        return folder  # not one of ours (a file name only, never a path out of the folder)
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        sha = None  # hashed again rather than trusted as a folder name
     try:
-        return _resolve_gguf(folder / gguf, notice, progress=progress, sha256=info.get("sha256"),
+        return _resolve_gguf(folder / gguf, notice, progress=progress, sha256=sha,
                              force=force, announce=announce)
     except ConvertError as e:
         raise ConvertError(f"{e} (the verified download is kept: {folder / gguf})") from None
