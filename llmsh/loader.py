@@ -69,6 +69,7 @@ def load_model(
     auto_pull: bool = True,
     quantize: str | None = None,
     tensor_parallel=None,
+    progress=None,
 ) -> LoadedModel:
     """Resolve ``model`` and load it.
 
@@ -83,6 +84,8 @@ def load_model(
             only; see :func:`llmsh.weights.load_decoder`). ``"none"`` is the same as None.
         tensor_parallel: a :class:`llmsh.distributed.Dist`: this rank's share of the model
             (:func:`llmsh.distributed.load_tp_decoder`); rank 0 resolves (and pulls) the model.
+        progress: ``(stage, done, total)`` callback of a pull or a conversion, if one happens
+            (:data:`llmsh.hub.Progress`: bytes downloaded and verified, tensors converted).
 
     Raises:
         ModelNotFoundError, ConfigError, WeightsError, TokenizerError, ConvertError.
@@ -91,7 +94,8 @@ def load_model(
     from .tokenizer import Tokenizer
 
     t0 = time.perf_counter()
-    path = resolve_path(model, auto_pull=auto_pull, notice=notice, tensor_parallel=tensor_parallel)
+    path = resolve_path(model, auto_pull=auto_pull, notice=notice, tensor_parallel=tensor_parallel,
+                        progress=progress)
     config = ModelConfig.from_file(path)
     tokenizer = Tokenizer.from_dir(path)
     decoder = build_decoder(path, config, device=device, dtype=dtype, quantize=quantize,
@@ -111,7 +115,7 @@ def load_model(
 
 
 def resolve_path(model, *, auto_pull: bool = True, notice: Callable[[str], None] | None = None,
-                 tensor_parallel=None) -> Path:
+                 tensor_parallel=None, progress=None) -> Path:
     """The folder of ``model`` (None: the default model), pulled or converted if needed. In a
     group (``tensor_parallel``, a :class:`llmsh.distributed.Dist`) rank 0 alone resolves (one
     pull) and the others get its answer, or its error.
@@ -124,7 +128,7 @@ def resolve_path(model, *, auto_pull: bool = True, notice: Callable[[str], None]
 
     def resolve():
         return hub.resolve_model(model if model is not None else hub.DEFAULT_MODEL,
-                                 auto_pull=auto_pull, notice=notice)
+                                 auto_pull=auto_pull, notice=notice, progress=progress)
 
     if tensor_parallel is None:
         return resolve()

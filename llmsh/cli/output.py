@@ -237,3 +237,55 @@ def stats_line(st, *, context_used: int, n_ctx: int) -> str:
             f"reused {st.reused_tokens}/{st.prompt_tokens} prompt tokens ({prefill}), "
             f"total {st.prefill_seconds + st.decode_seconds:.2f} s, "
             f"finish: {st.finish_reason or 'interrupted'}")
+
+
+#: Stages of a (stage, done, total) progress callback that count bytes (see llmsh.hub.Progress).
+BYTE_STAGES = ("download", "verify")
+
+
+def progress_amount(stage: str, done: int, total: int | None, speed: float | None = None) -> str:
+    """How far a stage is, as text: ``"12.0 MiB / 88.6 MiB  3.1 MiB/s"`` for a byte stage,
+    ``"12/272"`` otherwise."""
+    if stage in BYTE_STAGES:
+        text = human_bytes(done) + (f" / {human_bytes(total)}" if total else "")
+        return text + (f"  {human_bytes(speed)}/s" if speed else "")
+    return f"{done}/{total}" if total else str(done)
+
+
+@contextlib.contextmanager
+def stage_progress():
+    """Yield a (stage, done, total) callback drawing rich progress bars on stderr when it is a
+    terminal, or None on a pipe (nothing is printed there). The display starts at the first
+    report, so wrapping work that may report nothing (a model load that needs no pull) costs
+    nothing; it is removed when the block ends."""
+    err = stderr()
+    if quiet or not is_terminal(err):
+        yield None
+        return
+    state: dict = {"tasks": {}}
+
+    def update(stage: str, done: int, total: int | None) -> None:
+        if "bar" not in state:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn
+            from rich.text import Text
+
+            class Amount(ProgressColumn):
+                def render(self, task):
+                    return Text(progress_amount(task.description, int(task.completed), task.total,
+                                                task.speed))
+
+            console = Console(file=err, no_color=not color_enabled(err))
+            state["bar"] = Progress(SpinnerColumn(), TextColumn("{task.description:<10}"), BarColumn(),
+                                    Amount(), console=console, transient=True)
+            state["bar"].start()
+        bar, tasks = state["bar"], state["tasks"]
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if "bar" in state:
+            state["bar"].stop()
