@@ -22,6 +22,7 @@ from llmsh.convert import convert_gguf  # noqa: E402
 from llmsh.errors import ConvertError  # noqa: E402
 from test_convert import train_tokenizer  # noqa: E402
 from tiny_ggufs import llama3_rope_freqs, round_trip_reference, write_gguf  # noqa: E402
+from cli_fixtures import llmsh_home  # noqa: E402,F401
 from tiny_models import build_tiny_hf_model, random_tokens  # noqa: E402
 
 MIXED = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.F16, QT.BF16]
@@ -172,3 +173,44 @@ def test_unknown_architecture_lists_supported():
 def test_missing_metadata_key_named():
     with pytest.raises(ConvertError, match=r"^GGUF metadata lacks qwen3\.block_count$"):
         gguf_config.hf_config({"general.architecture": "qwen3"}, {}, "float32")
+
+
+def _cli(args):
+    from click.testing import CliRunner
+
+    from llmsh.cli import cli
+
+    r = CliRunner().invoke(cli, args)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r
+
+
+@pytest.mark.parametrize("case", ["gemma3", "qwen3", "gpt2_untied"])
+def test_cli_runs_a_gguf_of_each_architecture(tmp_path, tok, llmsh_home, case):
+    """-m FILE.gguf: converted into the cache, greedy ids those of transformers on the weights."""
+    hf = _build(tok, case)
+    src = write_gguf(tmp_path / f"{case}.gguf", hf, tok)
+    r = _cli(["generate", "-m", str(src), "--raw", "-n", "8", "-t", "0", "--json", "hello world"])
+    assert r.exit_code == 0, r.stderr
+    got = json.loads(r.stdout)["tokens"]
+    ids = tok.encode("hello world").ids
+    want = []
+    with torch.no_grad():
+        for _ in range(8):
+            want.append(int(hf(torch.tensor([ids + want])).logits[0, -1].argmax()))
+    assert got and got == want[:len(got)]
+    assert len(got) == 8 or want[len(got)] in (1, 2)   # stopped early only on an end token
+
+
+def test_cli_unknown_architecture_one_line_error(tmp_path, tok, llmsh_home):
+    src = write_gguf(tmp_path / "t.gguf", _build(tok, "qwen3"), tok)
+    data = src.read_bytes().replace(b"qwen3", b"qwenX")   # every key and the architecture name
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data)
+    for args in (["generate", "-m", str(bad), "--raw", "hi"], ["convert", str(bad), str(tmp_path / "out")]):
+        r = _cli(args)
+        lines = [x for x in r.stderr.strip().splitlines() if "converting" not in x]  # -m: a notice first
+        assert r.exit_code == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert lines[0] == ("llmsh: error: GGUF architecture 'qwenX' is not supported "
+                            "(supported: llama, qwen2, qwen3, gemma3, gpt2)"), lines[0]
