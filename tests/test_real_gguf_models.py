@@ -8,9 +8,13 @@ float32), against ../shared/reference (see its README):
   protocol, n_ctx 512) within 0.05% of transformers'.
 - Gemma 3 270M: token ids of the hard strings and of the greedy prompts identical to
   llama.cpp's; perplexity of gpl-3.txt (BOS added, each window's first token replaced by BOS, as
-  llama-perplexity does) within 1% of the llama-perplexity binary's 13.8844.
+  llama-perplexity does) within 1% of the llama-perplexity binary's 13.8844; every converted
+  tensor equal to transformers' own GGUF reading (``load_gguf_checkpoint``); transformers'
+  float32 figures on the converted folder (greedy ids of the three prompts, NLL of two windows)
+  reproduced (the reference file has llama.cpp's figures only).
 
-The files are found by tests/real_models.py (or the tests are skipped). Slow: minutes on 2 cores.
+The files are found by tests/real_models.py (or the tests are skipped). Slow: about 20 minutes
+on 2 busy cores (the two perplexities are most of it; about 6 minutes of CPU time in all).
 """
 
 from __future__ import annotations
@@ -33,11 +37,11 @@ def loaded(tmp_path_factory):
     """name -> LoadedModel of the GGUF, float32, converted into a cache of this test module."""
     from llmsh.loader import load_model
 
-    cache = {}
+    cache, paths = {}, {}
 
     def get(name):
         if name not in cache:
-            path = gguf_file(name, tmp_path_factory.mktemp("fetch"))
+            path = paths[name] = gguf_file(name, tmp_path_factory.mktemp("fetch"))
             old = os.environ.get("LLMSH_HOME")
             os.environ["LLMSH_HOME"] = str(tmp_path_factory.mktemp("home"))
             try:
@@ -48,6 +52,7 @@ def loaded(tmp_path_factory):
                 else:
                     os.environ["LLMSH_HOME"] = old
         return cache[name]
+    get.gguf_path = paths.__getitem__   # the GGUF file a loaded model came from
     return get
 
 
@@ -123,3 +128,43 @@ def test_gemma_perplexity_within_1_percent_of_llamacpp(loaded):
     ref = reference(REFS[GEMMA])["llamacpp"]["perplexity_c512"]["gpl-3"]
     ppl = _ppl(loaded(GEMMA), ref)
     assert abs(ppl / ref["llama-perplexity_binary"] - 1) <= 0.01, (ppl, ref["llama-perplexity_binary"])
+
+
+def test_gemma_weights_equal_transformers_gguf_loader(loaded):
+    """Every converted tensor (norms minus one included) equals transformers' own GGUF reading."""
+    tf = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    lm = loaded(GEMMA)
+    path = loaded.gguf_path(GEMMA)
+    meta = load_gguf_checkpoint(str(path))["config"]
+    with torch.device("meta"):
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**{k: v for k, v in meta.items()
+                                                            if k not in ("model_type", "architectures")}))
+    theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    ours = load_file(str(lm.path / "model.safetensors"))
+    assert set(ours) == set(theirs)
+    for k, t in ours.items():
+        assert torch.equal(t, torch.as_tensor(theirs[k]).float()), k
+
+
+def test_gemma_matches_transformers_fp32_on_the_folder(loaded):
+    """transformers' float32 figures on the converted folder: greedy ids of the three prompts
+    (32 tokens) and the llama.cpp-protocol NLL of gpl-3's first two windows."""
+    from transformers import AutoModelForCausalLM
+
+    lm = loaded(GEMMA)
+    hf = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for g in reference(REFS[GEMMA])["llamacpp"]["greedy"]:
+            prompt = g["prompt_ids"]
+            want = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, len(prompt):].tolist()
+            ours = lm.decoder(torch.tensor([prompt + want[:-1]]))[0, len(prompt) - 1:].argmax(-1).tolist()
+            assert ours == want, g["prompt"]
+        ids = torch.tensor(lm.tokenizer.encode(_gpl3())[:1024]).view(2, 512)
+        ids[:, 0] = lm.tokenizer.bos_token_id
+        nll = [torch.nn.functional.cross_entropy(lg[:, 255:511].reshape(-1, lg.shape[-1]), ids[:, 256:].reshape(-1))
+               for lg in (hf(ids).logits, lm.decoder(ids))]
+    assert abs(float(nll[1] - nll[0])) <= 5e-4, nll   # perplexity = exp(NLL): within 0.05%
