@@ -137,9 +137,8 @@ def llama3_rope_scaling(rope_freqs: np.ndarray, theta: float, head_dim: int) -> 
         if abs(old - round(old)) < 1e-3 * old:
             old = float(round(old))
         if np.allclose(_llama3_divisors(wavelen, factor, low, high, old), rf, rtol=1e-5, atol=0):
-            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                    "high_freq_factor": high, "original_max_position_embeddings": int(round(old))
-                    if old == round(old) else old}
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": int(old) if old == round(old) else old}
     raise ConvertError("rope_freqs tensor does not match llama3 rope scaling; not supported")
 
 
@@ -176,9 +175,8 @@ def _qwen(arch: str):
             # transformers' Qwen2 always has q/k/v biases and none on o_proj or the MLP.
             if not all(f"model.layers.0.self_attn.{p}.bias" in shapes for p in _ATTN[:3]):
                 raise ConvertError("qwen2 GGUF file lacks the q/k/v biases Qwen2 always has")
-            for p in ("o_proj",):
-                if f"model.layers.0.self_attn.{p}.bias" in shapes:
-                    raise ConvertError("qwen2 GGUF file has an attn_output bias; not supported")
+            if "model.layers.0.self_attn.o_proj.bias" in shapes:
+                raise ConvertError("qwen2 GGUF file has an attn_output bias; not supported")
         else:
             cfg["attention_bias"] = _has_biases(shapes, "model.layers", "self_attn", _ATTN)
             if "model.layers.0.self_attn.q_norm.weight" not in shapes:
