@@ -2,8 +2,10 @@
 
 Reference behaviour: llama.cpp's own reading of a GGUF file (``llama-vocab.cpp`` for the
 tokenizer, built by :mod:`llmsh.gguf_vocab`; ``convert_hf_to_gguf.py`` for the tensor layout
-that we undo here). Only the ``llama`` architecture is supported so far; everything else is
-refused with a :class:`~llmsh.errors.ConvertError` rather than guessed.
+that we undo here, :mod:`llmsh.gguf_tensors`). Architectures: those of
+:data:`llmsh.gguf_config.SUPPORTED_ARCHS` (llama, qwen2, qwen3, gemma3, gpt2), whose config.json
+:mod:`llmsh.gguf_config` builds; everything else is refused with a
+:class:`~llmsh.errors.ConvertError` rather than guessed.
 
 Weights are dequantized with ``gguf.quants.dequantize`` and streamed one tensor at a time
 into a safetensors file we write ourselves, so peak memory is one tensor, not the model.
@@ -21,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from llmsh import gguf_vocab
+from llmsh import gguf_config, gguf_tensors, gguf_vocab
 from llmsh.errors import ConvertError
 from llmsh.gguf_tensors import unpermute_rope  # noqa: F401  (re-exported: tests and callers use it here)
 
@@ -33,71 +35,50 @@ def _fields(reader) -> dict:
     return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
 
 
-def hf_name(gguf_name: str) -> str:
-    """Map a llama-architecture GGUF tensor name to its Hugging Face key; ConvertError if unknown."""
-    from .gguf_tensors import hf_name as arch_hf_name
-
-    return arch_hf_name("llama", gguf_name)
-
-
-def _f32(x) -> float:
-    """GGUF stores float32: write its shortest repr (1e-05, not 9.999999747378752e-06)."""
-    return float(str(np.float32(x)))
+def hf_name(gguf_name: str, arch: str = "llama") -> str:
+    """Map GGUF tensor ``gguf_name`` of architecture ``arch`` to its Hugging Face key;
+    ConvertError if the architecture has no such tensor."""
+    return gguf_tensors.hf_name(arch, gguf_name)
 
 
-def _has_biases(hf_names: set, block: str, projs: tuple) -> bool:
-    """HF llama has one switch per block: all of its projections have biases, or none."""
-    have = {p for p in projs if f"model.layers.0.{block}.{p}.bias" in hf_names}
-    if have and have != set(projs):
-        raise ConvertError(f"GGUF file has biases on only some {block} projections ({', '.join(sorted(have))}); not supported")
-    return bool(have)
+def _config(meta: dict, shapes: dict, torch_dtype: str, extra: dict | None = None) -> dict:
+    """config.json for the file (see :func:`llmsh.gguf_config.hf_config`)."""
+    return gguf_config.hf_config(meta, shapes, torch_dtype, extra)
 
 
-def _config(meta: dict, hf_names: set, torch_dtype: str) -> dict:
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ConvertError(f"GGUF architecture {arch!r} is not supported yet (only 'llama')")
+def _arch_of(cfg: dict) -> str:
+    """The GGUF architecture name of a config this module wrote (gemma3_text -> gemma3)."""
+    return {"gemma3_text": "gemma3"}.get(cfg["model_type"], cfg["model_type"])
 
-    def get(key, default=None, required=True):
-        value = meta.get(f"llama.{key}", default)
-        if value is None and required:
-            raise ConvertError(f"GGUF metadata lacks llama.{key}")
-        return value
 
-    hidden, n_head = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", hidden // n_head))
-    rope_dim = int(get("rope.dimension_count", head_dim))
-    if rope_dim != head_dim:
-        raise ConvertError(f"partial rotary embeddings (rope.dimension_count {rope_dim} != head_dim {head_dim}) are not supported")
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-    cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": int(get("vocab_size", len(tokens) or None)),
-        "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": int(get("attention.head_count_kv", n_head)),
-        "head_dim": head_dim,
-        "max_position_embeddings": int(get("context_length", 2048)),
-        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": _f32(get("rope.freq_base", 10000.0)),
-        "rope_scaling": None,
-        "hidden_act": "silu",
-        "attention_bias": _has_biases(hf_names, "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-        "mlp_bias": _has_biases(hf_names, "mlp", ("gate_proj", "up_proj", "down_proj")),
-        "tie_word_embeddings": "lm_head.weight" not in hf_names,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "torch_dtype": torch_dtype,
-    }
-    scaling = get("rope.scaling.type", "none", required=False)
-    if scaling == "linear":
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
-    elif scaling not in ("none", None):
-        raise ConvertError(f"rope scaling {scaling!r} in GGUF file is not supported yet")
-    return cfg
+def _plan(reader, arch: str) -> tuple[list, dict]:
+    """([(hf name, GGUF tensor, HF shape)] sorted by name, {config tensor: float32 array}).
+
+    Config tensors (llama's ``rope_freqs``, Llama 3.x RoPE scaling) are not weights: they are
+    returned apart for :func:`llmsh.gguf_config.hf_config`. Every weight's type is checked
+    here, before anything is written (ConvertError naming the tensor and its type)."""
+    plan, extra = [], {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            if arch != "llama":
+                raise ConvertError(f"tensor rope_freqs.weight in a GGUF file of architecture {arch!r} is not supported")
+            gguf_tensors.check_type(t)
+            extra["rope_freqs"] = gguf_tensors.float_rows(arch, "rope_freqs", t, {}, 0, 1)
+            continue
+        hf = hf_name(t.name, arch)
+        gguf_tensors.check_type(t)
+        shape = gguf_tensors.shape_of(t)
+        if gguf_tensors.conv1d_transposed(arch, hf):   # GPT-2's Conv1D: HF keeps (in, out)
+            shape = shape[::-1]
+        plan.append((hf, t, shape))
+    return sorted(plan, key=lambda p: p[0]), extra
+
+
+def _float_tensor(arch: str, hf: str, t, cfg: dict) -> np.ndarray:
+    """Tensor ``t`` dequantized to float32 in its Hugging Face layout (llama q/k un-permuted,
+    Gemma norms minus one, GPT-2 Conv1D transposed back to (in, out))."""
+    w = gguf_tensors.float_rows(arch, hf, t, cfg, 0, gguf_tensors.shape_of(t)[0] if len(t.shape) > 1 else 1)
+    return w.T if gguf_tensors.conv1d_transposed(arch, hf) else w
 
 
 def _to_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -113,8 +94,6 @@ def _to_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
 
 def _write_safetensors(path: Path, reader, plan: list, dtype: str, cfg: dict, progress) -> None:
     """Stream tensors into a safetensors file: header first (shapes are known), then data."""
-    from gguf.quants import dequantize
-
     itemsize = np.dtype(np.float32).itemsize if dtype == "float32" else 2
     header, offset = {}, 0
     for hf, t, shape in plan:
@@ -124,19 +103,10 @@ def _write_safetensors(path: Path, reader, plan: list, dtype: str, cfg: dict, pr
     header["__metadata__"] = {"format": "pt", "source": "llmsh.convert (GGUF)"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for i, (hf, t, shape) in enumerate(plan):
-            try:
-                w = dequantize(t.data, t.tensor_type).reshape(shape)
-            except NotImplementedError:
-                raise ConvertError(f"cannot dequantize tensor {t.name} of type {t.tensor_type.name} (unsupported by the gguf package)") from None
-            # llama.cpp permutes q/k biases too (convert_hf_to_gguf.py LlamaModel.modify_tensors)
-            if ".q_proj." in hf:
-                w = unpermute_rope(w, n_q)
-            elif ".k_proj." in hf:
-                w = unpermute_rope(w, n_kv)
+            w = _float_tensor(_arch_of(cfg), hf, t, cfg).reshape(shape)
             f.write(_to_dtype(w, dtype).tobytes())
             if progress:
                 progress("convert", i + 1, len(plan))
@@ -144,10 +114,11 @@ def _write_safetensors(path: Path, reader, plan: list, dtype: str, cfg: dict, pr
 
 def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool = False,
                  progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """Convert a llama-architecture GGUF file into a Hugging Face-style folder; returns out_dir.
+    """Convert a GGUF file (llama, qwen2, qwen3, gemma3 or gpt2) into a Hugging Face-style folder; returns out_dir.
 
     Writes config.json, model.safetensors (dequantized to ``dtype``: float32 | float16 |
-    bfloat16, Q/K rows (and biases) un-permuted to HF layout; lm_head omitted and
+    bfloat16, in HF layout: llama Q/K rows (and biases) un-permuted, Gemma norms minus one,
+    GPT-2 Conv1D weights (in, out); lm_head omitted and
     tie_word_embeddings true when the file has no output.weight), the tokenizer files of
     :func:`llmsh.gguf_vocab.tokenizer_files` (tokenizer.json or tokenizer.model, tokenizer_config.json,
     generation_config.json). Work happens in a hidden temp folder next to out_dir that is
@@ -167,13 +138,11 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
     except (OSError, ValueError, IndexError, struct.error) as e:
         raise ConvertError(f"cannot read GGUF file {gguf_path}: {e}") from None
     meta = _fields(reader)
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ConvertError("GGUF files with rope_freqs (llama3-style rope scaling) are not supported yet")
-    plan = sorted(((hf_name(t.name), t, tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors),
-                  key=lambda p: p[0])
+    arch = gguf_config.check_arch(meta)
+    plan, extra = _plan(reader, arch)
     if len({p[0] for p in plan}) != len(plan):
         raise ConvertError(f"duplicate tensor names in GGUF file {gguf_path}")
-    cfg = _config(meta, {p[0] for p in plan}, dtype)
+    cfg = _config(meta, {hf: shape for hf, _, shape in plan}, dtype, extra)
     tokenizer_files = gguf_vocab.tokenizer_files(meta)  # refuses an unsupported vocabulary before any writing
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -234,7 +234,8 @@ def _no_leftovers(parent: Path, keep=("t.gguf",)):
     (dict(arch="gemma"), "architecture 'gemma'"),
     (dict(extra={"blk.0.attn_q_norm.weight": np.ones(16, np.float32)}), "blk.0.attn_q_norm.weight"),
     (dict(extra={"blk.0.attn_q.bias": np.zeros(64, np.float32)}), "only some self_attn"),
-    (dict(extra={"rope_freqs.weight": np.ones(8, np.float32)}), "rope_freqs"),
+    (dict(extra={"rope_freqs.weight": np.array([3, 1, 1, 1, 1, 1, 1, 1], np.float32)}), "rope_freqs"),
+    (dict(arch="falcon"), r"supported: llama, qwen2, qwen3, gemma3, gpt2"),
     (dict(extra={"blk.0.attn_sinks.weight": np.zeros((4, 64), np.int8)}), "attn_sinks"),
 ])
 def test_refuses_unsupported(tmp_path, tok, kw, match):

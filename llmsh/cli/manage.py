@@ -175,6 +175,8 @@ def convert(gguf_file, out_dir, dtype, force):
     """Convert a GGUF file into a Hugging Face-style model folder (safetensors + tokenizer.json).
 
     The folder works with -m, and with transformers. Prints OUT_DIR when done.
+    GGUF architectures: llama (incl. Llama 3.x RoPE scaling), qwen2, qwen3, gemma3, gpt2;
+    tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K.
 
     \b
     Examples:
