@@ -31,7 +31,7 @@ from .routing import route
 
 # Commands that live in their own modules, imported only when used (or listed by --help).
 # issue 5: a module llmsh/cli_bench.py defining the click command `bench` is picked up here.
-_LAZY_COMMANDS = {"bench": ("llmsh.cli.bench", "bench")}
+_LAZY_COMMANDS = {"bench": ("llmsh.cli.bench", "bench"), "serve": ("llmsh.cli.serve", "serve")}
 _ALIASES = {"ppl": "perplexity"}
 EXIT_INTERRUPT = 130
 

@@ -19,14 +19,8 @@ from ..files import PendingFile
 MIN_N_CTX = 4
 
 
-def _finite(x: float):
-    return None if x is None or not math.isfinite(x) else x
-
-
 def _result_dict(source, r) -> dict:
-    return {"source": source, "perplexity": _finite(r.perplexity), "stderr": _finite(r.stderr),
-            "nll": _finite(r.nll), "bits_per_byte": _finite(r.bits_per_byte), "n_tokens": r.n_tokens,
-            "n_ctx": r.n_ctx, "protocol": r.protocol, **({"stride": r.stride} if r.stride else {})}
+    return r.summary(source)
 
 
 def _result_line(source, r) -> str:
@@ -324,13 +318,9 @@ def tokenize(text, model, device, dtype, pieces, count, as_json, no_bos, parse_s
 
 
 def _pieces(tok, ids: list[int]) -> list[str]:
-    """Each token's text such that the pieces join into the decoded text: a token holding only part
-    of a UTF-8 character gets "" and the character goes with the token that completes it."""
-    dec = tok.stream_decoder()
-    texts = [dec.step(i) for i in ids]
-    if texts:
-        texts[-1] += dec.flush()
-    return texts
+    from ..stream_decoder import token_pieces
+
+    return token_pieces(tok, ids)
 
 
 def _load_tokenizer_only(model, device, dtype):

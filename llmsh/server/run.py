@@ -1,0 +1,90 @@
+"""Serve the app with uvicorn on a socket bound here, and stop cleanly on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import signal
+import socket
+import threading
+
+from ..errors import InputError
+
+GRACEFUL_SHUTDOWN_S = 5   # in-flight replies get this long to finish before they are cut
+
+
+def is_loopback(host: str) -> bool:
+    """True for a host name or address that only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: a free one).
+
+    Raises InputError with one line (the address in use, a host that does not resolve).
+    """
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 8088, *, notice=None, log_level: str = "warning",
+          access_log: bool = False) -> None:
+    """Run ``app`` until SIGINT or SIGTERM, then stop: no new connections, in-flight replies get
+    :data:`GRACEFUL_SHUTDOWN_S` seconds, then the model thread stops. Returns normally (no
+    re-raised signal, no traceback). ``notice`` is called with the one-line "serving" message.
+
+    Raises InputError when the address cannot be bound.
+    """
+    import uvicorn
+
+    sock = bind(host, port)
+    actual = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    server = _Server(config)
+    if notice is not None:
+        notice(f"serving on http://{shown}:{actual} (Ctrl-C to stop)")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _Server(config):
+    """uvicorn's Server, except that a signal that stopped it is not raised again afterwards
+    (uvicorn re-raises it so that the default action runs: SIGTERM would then kill the process
+    with status 143 after a clean shutdown, SIGINT would surface as KeyboardInterrupt)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in original.items():
+                    signal.signal(s, h)
+
+    return Server(config)
