@@ -77,10 +77,16 @@ async def read_body(request: Request, model: type[BaseModel], limit: int) -> Bas
         raise _schema_error(e) from None
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _schema_error(e: ValidationError) -> APIError:
-    err = e.errors(include_url=False)[0]
-    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
-    # A union reports every branch; its location ends in the branch's name, which means nothing to a client.
+    # A union reports one error per branch, with the branch's name in the location: keep the
+    # deepest (the branch that got furthest) and drop branch names, which mean nothing to a client.
+    errors = e.errors(include_url=False)
+    err = max(errors, key=lambda x: len(x["loc"]))
+    loc = [str(p) for p in err["loc"]
+           if not (isinstance(p, str) and (not p.isidentifier() or p in _TYPE_TAGS))]
     param = ".".join(loc) or None
     if err["type"] == "extra_forbidden":
         msg = f"unknown field {param!r}"

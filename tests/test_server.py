@@ -1,0 +1,476 @@
+"""``llmsh serve``: the ASGI app through Starlette's TestClient on the tiny chat model (references:
+``llmsh generate --json`` and ``llmsh ppl --per-token`` on the same model and text, and a fresh
+cache for prefix reuse), raw ASGI for a client that goes away mid-stream, and one real uvicorn
+process on the default model driven by the official ``openai`` client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli_fixtures import chat_model  # noqa: F401  (fixture)
+from llmsh.cli import cli
+
+pytest.importorskip("starlette")
+from starlette.testclient import TestClient  # noqa: E402
+
+HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
+
+
+@pytest.fixture(scope="module")
+def lm(chat_model):  # noqa: F811
+    from llmsh.loader import load_model
+
+    return load_model(str(chat_model), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def app(lm):
+    from llmsh.server import create_app
+
+    return create_app(lm, max_queue=2)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture
+def api(app):
+    return app.state.api
+
+
+def fresh_cache(api):
+    api.state.cache.reset()
+    api.state.cache_ids = []
+
+
+def run_cli(args):
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def chat(client, **body):
+    r = client.post("/v1/chat/completions", json={"messages": HELLO, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def sse(client, path, body) -> list:
+    """The ``data:`` payloads of a streamed reply, JSON-decoded ([DONE] kept as the string)."""
+    out = []
+    with client.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line:
+                assert line.startswith("data: ")
+                data = line[len("data: "):]
+                out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+# --- endpoints ----------------------------------------------------------------------------------
+
+
+def test_health_and_models(client):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["n_ctx"] == 256 and h["max_queue"] == 2
+    m = client.get("/v1/models").json()
+    assert m["object"] == "list" and [d["id"] for d in m["data"]] == ["qwen2"]
+    assert m["data"][0]["object"] == "model"
+
+
+def test_greedy_chat_equals_llmsh_generate(client, chat_model):  # noqa: F811
+    want = json.loads(run_cli(["generate", "-m", str(chat_model), "--json", "--temperature", "0", "-n", "12",
+                               HELLO[0]["content"]]))
+    got = chat(client, temperature=0, max_tokens=12)
+    choice = got["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": want["text"]}
+    assert choice["finish_reason"] == want["finish_reason"]
+    assert got["object"] == "chat.completion" and got["id"].startswith("chatcmpl-")
+    u = got["usage"]
+    assert (u["prompt_tokens"], u["completion_tokens"]) == (want["prompt_tokens"], want["completion_tokens"])
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def test_stream_chunks_join_into_the_reply(client):
+    whole = chat(client, temperature=0, max_tokens=10)["choices"][0]
+    events = sse(client, "/v1/chat/completions", {"messages": HELLO, "temperature": 0, "max_tokens": 10,
+                                                  "stream": True, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == whole["message"]["content"]
+    finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finals[-1] == whole["finish_reason"] and set(finals[:-1]) == {None}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 10
+
+
+def test_chat_logprobs(client):
+    got = chat(client, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3)
+    content = got["choices"][0]["logprobs"]["content"]
+    assert len(content) == got["usage"]["completion_tokens"] == 5
+    for e in content:
+        assert len(e["top_logprobs"]) == 3
+        # greedy: the chosen token is the most likely one
+        assert e["logprob"] == pytest.approx(e["top_logprobs"][0]["logprob"])
+        assert e["logprob"] <= 0 and e["bytes"] == list(e["token"].encode())
+    assert chat(client, max_tokens=2)["choices"][0]["logprobs"] is None
+
+
+def test_prefix_of_the_last_request_is_reused(client, api):
+    fresh_cache(api)
+    first = chat(client, temperature=0, max_tokens=6)
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    reply = first["choices"][0]["message"]["content"]
+    turn2 = HELLO + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Tell me a story."}]
+    r = client.post("/v1/chat/completions", json={"messages": turn2, "temperature": 0, "max_tokens": 6}).json()
+    cached = r["usage"]["prompt_tokens_details"]["cached_tokens"]
+    # Everything up to the end of the first prompt is reused (and, here, the reply's tokens too).
+    assert first["usage"]["prompt_tokens"] <= cached < r["usage"]["prompt_tokens"]
+    fresh_cache(api)
+    again = client.post("/v1/chat/completions", json={"messages": turn2, "temperature": 0, "max_tokens": 6}).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["choices"][0]["message"] == r["choices"][0]["message"]
+
+
+def test_seeded_sampling_is_reproducible(client):
+    body = dict(temperature=1.0, top_k=0, seed=7, max_tokens=8)
+    assert chat(client, **body)["choices"][0] == chat(client, **body)["choices"][0]
+
+
+def test_frequency_penalty_changes_greedy_output(client):
+    plain = chat(client, temperature=0, max_tokens=30)["choices"][0]["message"]["content"]
+    pen = chat(client, temperature=0, max_tokens=30, frequency_penalty=2.0, presence_penalty=2.0)
+    assert pen["choices"][0]["message"]["content"] != plain
+
+
+def test_stop_string_is_cut(client):
+    whole = chat(client, temperature=0, max_tokens=12)["choices"][0]["message"]["content"]
+    stop = whole[3:5]
+    assert stop.strip()
+    got = chat(client, temperature=0, max_tokens=12, stop=[stop])["choices"][0]
+    assert got["message"]["content"] == whole[: whole.index(stop)] and got["finish_reason"] == "stop"
+
+
+# --- completions and scoring --------------------------------------------------------------------
+
+
+TEXT = "The quick brown fox jumps over the lazy dog. Hello, how are you today?"
+
+
+def test_echo_logprobs_equal_llmsh_ppl_per_token(client, chat_model, tmp_path):  # noqa: F811
+    src = tmp_path / "t.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    rows = tmp_path / "rows.jsonl"
+    # One window over the whole text: every token after the first is scored once.
+    run_cli(["ppl", "-m", str(chat_model), "--n-ctx", "200", "--stride", "200", "--per-token", str(rows),
+             "--top-logprobs", "1", str(src)])
+    want = [json.loads(line) for line in rows.read_text().splitlines()]
+    r = client.post("/v1/completions", json={"prompt": TEXT, "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == TEXT
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert len(lp["token_logprobs"]) == len(want) + 1
+    assert lp["token_logprobs"][1:] == pytest.approx([w["logprob"] for w in want], abs=1e-5)
+    assert [w["text"] for w in want] == lp["tokens"][1:]
+    for top, w in zip(lp["top_logprobs"][1:], want):
+        (tok, val), = top.items()
+        assert tok == w["top_logprobs"][0]["text"] and val == pytest.approx(w["top_logprobs"][0]["logprob"], abs=1e-5)
+    assert "".join(lp["tokens"]) == TEXT
+    assert lp["text_offset"][:2] == [0, len(lp["tokens"][0])]
+    assert r.json()["usage"] == {"prompt_tokens": len(want) + 1, "completion_tokens": 0,
+                                 "total_tokens": len(want) + 1, "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def test_completions_token_id_prompts_as_lm_eval_sends_them(client, lm):
+    """lm-evaluation-harness local-completions: a batch of token-id prompts, echo, logprobs 1,
+    max_tokens 1; it sums token_logprobs[ctxlen:-1]."""
+    prompts = [lm.tokenizer.encode("Hello, how are you"), lm.tokenizer.encode("The quick brown fox")]
+    r = client.post("/v1/completions", json={"model": "x", "prompt": prompts, "echo": True, "logprobs": 1,
+                                             "max_tokens": 1, "temperature": 0, "seed": 1234})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    for ids, c in zip(prompts, choices):
+        lp = c["logprobs"]["token_logprobs"]
+        assert len(lp) == len(ids) + 1 and lp[0] is None
+        alone = client.post("/v1/completions", json={"prompt": ids, "echo": True, "logprobs": 1,
+                                                     "max_tokens": 0}).json()["choices"][0]["logprobs"]
+        assert lp[:-1] == pytest.approx(alone["token_logprobs"], abs=1e-5)
+
+
+def test_completions_generate_from_raw_text(client, lm):
+    r = client.post("/v1/completions", json={"prompt": "The quick", "max_tokens": 5, "temperature": 0})
+    c = r.json()["choices"][0]
+    assert r.json()["object"] == "text_completion" and c["logprobs"] is None
+    assert r.json()["usage"]["completion_tokens"] == 5 and c["finish_reason"] == "length"
+    events = sse(client, "/v1/completions", {"prompt": "The quick", "max_tokens": 5, "temperature": 0,
+                                             "stream": True})
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == c["text"]
+
+
+def test_tokenize_detokenize(client, lm):
+    t = client.post("/tokenize", json={"text": "Hello <|im_end|> world"}).json()
+    assert t["ids"] == lm.tokenizer.encode("Hello <|im_end|> world") and t["count"] == len(t["ids"])
+    assert "".join(t["pieces"]) == "Hello <|im_end|> world"
+    assert 2 in client.post("/tokenize", json={"text": "<|im_end|>", "parse_special": True}).json()["ids"]
+    d = client.post("/detokenize", json={"ids": t["ids"]}).json()
+    assert d["text"] == "Hello <|im_end|> world"
+    assert client.post("/detokenize", json={"ids": [10**6]}).status_code == 400
+
+
+def test_perplexity_equals_llmsh_ppl_json(client, chat_model, tmp_path):  # noqa: F811
+    src = tmp_path / "t.txt"
+    src.write_text(TEXT * 3, encoding="utf-8")
+    want = json.loads(run_cli(["ppl", "-m", str(chat_model), "--n-ctx", "16", "--json", str(src)]))
+    got = client.post("/perplexity", json={"text": TEXT * 3, "n_ctx": 16}).json()
+    assert got.pop("source") == "request" and want.pop("source") == str(src)
+    assert got == pytest.approx(want)
+    per = client.post("/perplexity", json={"text": TEXT, "n_ctx": 200, "stride": 200, "per_token": True,
+                                           "top_logprobs": 2}).json()
+    assert len(per["tokens"]) == per["n_tokens"] and len(per["tokens"][0]["top_logprobs"]) == 2
+    bad = client.post("/perplexity", json={"text": "Hi", "n_ctx": 16})
+    assert bad.status_code == 400 and "needs at least" in bad.json()["error"]["message"]
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def _chat_body(**kw):
+    return json.dumps({"messages": HELLO, **kw}).encode()
+
+
+ERRORS = [
+    # (path, raw body, status, param)
+    ("/v1/chat/completions", b"{not json", 400, None),
+    ("/v1/chat/completions", b'{"messages": "\xff"}', 400, None),          # invalid UTF-8
+    ("/v1/chat/completions", b"[1, 2]", 400, None),
+    ("/v1/chat/completions", b'{"messages": [], "max_tokens": 3}', 422, "messages"),
+    ("/v1/chat/completions", b"{}", 422, "messages"),
+    ("/v1/chat/completions", _chat_body(frobnicate=1), 422, "frobnicate"),
+    ("/v1/chat/completions", _chat_body(max_tokens="3"), 422, "max_tokens"),
+    ("/v1/chat/completions", _chat_body(temperature=-1), 422, "temperature"),
+    ("/v1/chat/completions", _chat_body(top_logprobs=99, logprobs=True), 422, "top_logprobs"),
+    ("/v1/chat/completions", _chat_body(stop=[""]), 422, "stop.0"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}', 422, "messages.0.role"),
+    ("/v1/chat/completions", _chat_body(max_tokens=10**6), 400, "max_tokens"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "%s"}]}' % (b"hello " * 300), 400, "messages"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, None),
+    ("/v1/completions", b'{"prompt": [5, 99999]}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": ""}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": "x", "suffix": "y"}', 422, "suffix"),
+    ("/v1/completions", b'{"prompt": "x", "logprobs": true}', 422, "logprobs"),
+    ("/tokenize", b'{"text": 5}', 422, "text"),
+    ("/perplexity", b'{"text": "x", "n_ctx": 100000}', 400, "n_ctx"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", ERRORS)
+def test_bad_requests_get_openai_shaped_errors(client, path, body, status, param):
+    r = client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+    assert "Traceback" not in err["message"] and "\n" not in err["message"]
+
+
+def test_unknown_path_method_and_body_size(client):
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert client.get("/v1/chat/completions").status_code == 405
+    r = client.post("/v1/chat/completions", content=b" " * (8 << 20 | 1))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_full_queue_answers_503_with_retry_after(client, api):
+    release = threading.Event()
+
+    async def occupy():
+        return api.worker.submit(lambda job: release.wait(30))
+
+    async def fill():
+        return [api.worker.submit(lambda job: None) for _ in range(api.worker.max_queue)]
+
+    running = client.portal.call(occupy)
+    try:
+        deadline = time.time() + 10
+        while not api.worker.busy and time.time() < deadline:
+            time.sleep(0.01)
+        waiting = client.portal.call(fill)
+        r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "server_busy"
+    finally:
+        release.set()
+    for job in [running, *waiting]:
+        client.portal.call(job.result)
+    assert chat(client, max_tokens=2)["usage"]["completion_tokens"] <= 2
+
+
+def test_a_client_that_goes_away_stops_its_generation(app, api):
+    """Raw ASGI: the client disconnects after the first streamed token; the model thread must stop
+    at the next token, not run on to max_tokens."""
+    body = json.dumps({"prompt": "The quick brown fox", "max_tokens": 200, "temperature": 0,
+                       "stream": True}).encode()
+    fresh_cache(api)
+    n_prompt = len(api.lm.tokenizer.encode("The quick brown fox"))
+
+    async def drive(disconnect_after: int | None):
+        gone = asyncio.Event()
+        sent_body = False
+        chunks = []
+
+        async def receive():
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            if disconnect_after is None:
+                await asyncio.Event().wait()
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(msg):
+            if msg["type"] == "http.response.body" and msg.get("body"):
+                chunks.append(msg["body"])
+                if disconnect_after is not None and len(chunks) >= disconnect_after:
+                    gone.set()
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                 "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        task = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.wait_for(task if disconnect_after is not None else _until_done(chunks, task), 60)
+        return chunks
+
+    async def _until_done(chunks, task):
+        while not any(b"[DONE]" in c for c in chunks):
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    full = asyncio.run(drive(None))
+    assert len(api.state.cache_ids) - n_prompt >= 199, "precondition: the greedy reply runs to max_tokens"
+    fresh_cache(api)
+    done = api.worker.jobs_done
+    asyncio.run(drive(2))         # the first chunk and one token, then the client is gone
+    deadline = time.time() + 30
+    while (api.worker.busy or api.worker.jobs_done == done) and time.time() < deadline:
+        time.sleep(0.01)
+    generated = len(api.state.cache_ids) - n_prompt
+    assert generated < 20, generated
+    assert len(full) > 100
+
+
+# --- auth and the command line ------------------------------------------------------------------
+
+
+def test_api_key_is_checked_on_every_request(lm):
+    from llmsh.server import create_app
+
+    with TestClient(create_app(lm, api_key="s3cret")) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = c.get("/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 1})
+        assert r.status_code == 401
+
+
+def test_non_loopback_host_needs_a_key(monkeypatch):
+    from llmsh.server import is_loopback
+
+    monkeypatch.delenv("LLMSH_API_KEY", raising=False)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
+    r = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "-m", "/nonexistent"])
+    assert r.exit_code == 2 and "--api-key" in r.output and "Traceback" not in r.output
+
+
+def test_busy_port_is_one_line_error(chat_model):  # noqa: F811
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    try:
+        r = CliRunner().invoke(cli, ["serve", "-m", str(chat_model), "--port", str(s.getsockname()[1])])
+    finally:
+        s.close()
+    assert r.exit_code == 1 and "cannot listen on 127.0.0.1" in r.output
+
+
+# --- a real server ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.default_model
+@pytest.mark.slow
+def test_uvicorn_process_with_the_openai_client():
+    openai = pytest.importorskip("openai")
+    from cli_fixtures import DEFAULT_MODEL_HOME
+
+    if not any(Path(DEFAULT_MODEL_HOME).glob("**/config.json")):
+        pytest.skip(f"the default model is not in {DEFAULT_MODEL_HOME}")
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    prompt = "What is the capital of France?"
+    want = subprocess.run([sys.executable, "-m", "llmsh", "generate", "--temperature", "0", "-n", "16", prompt],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert want.returncode == 0, want.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "llmsh", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        import httpx
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+            time.sleep(0.2)
+        assert [m.id for m in client.models.list()] == ["smollm2-135m-instruct"]
+        r = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=16,
+                                           messages=[{"role": "user", "content": prompt}])
+        assert r.choices[0].message.content == want.stdout.rstrip("\n")
+        stream = client.chat.completions.create(model="m", temperature=0, max_tokens=16, stream=True,
+                                                messages=[{"role": "user", "content": prompt}])
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.stdout.rstrip("\n")
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="m", max_tokens=10**6, messages=[{"role": "user", "content": "x"}])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "serving on http://127.0.0.1:" in err
