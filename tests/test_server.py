@@ -439,27 +439,14 @@ def test_uvicorn_process_with_the_openai_client():
 
     if not any(Path(DEFAULT_MODEL_HOME).glob("**/config.json")):
         pytest.skip(f"the default model is not in {DEFAULT_MODEL_HOME}")
-    port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     prompt = "What is the capital of France?"
     want = subprocess.run([sys.executable, "-m", "llmsh", "generate", "--temperature", "0", "-n", "16", prompt],
                           env=env, capture_output=True, text=True, timeout=300)
     assert want.returncode == 0, want.stderr
-    proc = subprocess.Popen([sys.executable, "-m", "llmsh", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, url = _start_server([])
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        import httpx
-
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
-            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list()] == ["smollm2-135m-instruct"]
         r = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=16,
                                            messages=[{"role": "user", "content": prompt}])
@@ -470,7 +457,90 @@ def test_uvicorn_process_with_the_openai_client():
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="m", max_tokens=10**6, messages=[{"role": "user", "content": "x"}])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        err = _stop(proc)
+    assert "serving on http://127.0.0.1:" in err
+
+
+def _start_server(args, env=None):
+    """A ``llmsh serve`` process on a free loopback port; returns (process, base URL) once /health answers."""
+    import httpx
+
+    port = _free_port()
+    env = dict(os.environ if env is None else env, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "llmsh", "serve", "--port", str(port), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"the server did not start: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.2)
+
+
+def _stop(proc) -> str:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert "Traceback" not in err and "serving on http://127.0.0.1:" in err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.slow
+def test_load_four_clients_a_killed_stream_and_memory(chat_model):  # noqa: F811
+    """4 clients x 25 requests at once: every reply is the one its prompt gets alone (none lost or
+    crossed); a client that disconnects mid-stream does not stall the next request; the server's
+    RSS after the run is within 50 MB of before."""
+    import httpx
+    import psutil
+
+    proc, url = _start_server(["-m", str(chat_model), "--max-queue", "8"])
+    try:
+        prompts = [f"Tell me a story about robot number {i}." for i in range(10)]
+
+        def ask(c, p):
+            r = c.post(url + "/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": p}], "temperature": 0, "max_tokens": 8})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        with httpx.Client() as c:
+            want = {p: ask(c, p) for p in prompts}
+        assert len(set(want.values())) > 1, "precondition: different prompts get different replies"
+        rss0 = psutil.Process(proc.pid).memory_info().rss
+        errors = []
+
+        def client(k):
+            with httpx.Client() as c:
+                for j in range(25):
+                    p = prompts[(k * 7 + j) % len(prompts)]
+                    got = ask(c, p)
+                    if got != want[p]:
+                        errors.append((p, got, want[p]))
+
+        t0 = time.time()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads) and time.time() - t0 < 120
+        assert errors == []
+        # A client that reads one chunk of a long stream and goes away.
+        with httpx.Client() as c:
+            with c.stream("POST", url + "/v1/completions", timeout=60,
+                          json={"prompt": "The quick brown fox", "max_tokens": 220, "stream": True}) as r:
+                next(r.iter_lines())
+            t1 = time.time()
+            assert ask(c, prompts[0]) == want[prompts[0]]
+            assert time.time() - t1 < 10
+        rss1 = psutil.Process(proc.pid).memory_info().rss
+        assert rss1 - rss0 < 50 << 20, (rss0, rss1)
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
