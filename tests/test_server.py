@@ -544,3 +544,48 @@ def test_load_four_clients_a_killed_stream_and_memory(chat_model):  # noqa: F811
     finally:
         if proc.poll() is None:
             _stop(proc)
+
+
+# --- the command line as a client ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_generate_through_a_server_is_generate_without_torch(chat_model, tmp_path):  # noqa: F811
+    proc, url = _start_server(["-m", str(chat_model)])
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("LLMSH_SERVER", None)
+
+    def llmsh(*args, server=None):
+        e = dict(env, **({"LLMSH_SERVER": server} if server else {}))
+        return subprocess.run([sys.executable, "-m", "llmsh", *args], env=e, capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL)
+
+    try:
+        for args in (["--temperature", "0", "-n", "12", "Hello, how are you today?"],
+                     ["--raw", "--temperature", "0", "-n", "9", "--stop", "e", "The quick brown"],
+                     ["--system", "Be brief.", "--temperature", "1", "--seed", "3", "-n", "7", "Hi"]):
+            here = llmsh("generate", "-m", str(chat_model), "--json", *args)
+            there = llmsh("generate", "--json", *args, server=url)
+            assert here.returncode == there.returncode == 0, (here.stderr, there.stderr)
+            a, b = json.loads(here.stdout), json.loads(there.stdout)
+            assert a.pop("timings").keys() == b.pop("timings").keys()
+            assert a == b
+            streamed = llmsh("generate", "--server", url, "--stats", *args)
+            assert streamed.returncode == 0 and streamed.stdout == a["text"] + "\n"
+            assert "tokens/s" in streamed.stderr
+        # No torch in the client: a command run in-process, then a look at what it imported.
+        code = ("import sys; from llmsh.cli.main import cli; "
+                f"rc = cli.main(['generate', '--server', {url!r}, '-n', '3', 'Hi'], standalone_mode=False); "
+                "print('torch' in sys.modules, rc, file=sys.stderr)")
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        assert r.stderr.strip().splitlines()[-1] == "False 0", r.stderr
+        bad = llmsh("generate", "-m", str(chat_model), "hi", server=url)
+        assert bad.returncode == 2 and "--model is the server's" in bad.stderr
+        long = llmsh("generate", "--server", url, "x " * 400)
+        assert long.returncode == 1 and long.stderr.startswith("llmsh: error: the server at ")
+    finally:
+        _stop(proc)
+    gone = llmsh("generate", "--server", url, "hi")
+    assert gone.returncode == 1
+    assert gone.stderr == f"llmsh: error: cannot reach the llmsh server at {url}: Connection refused\n"

@@ -28,6 +28,7 @@ from .common import (CONTEXT_SETTINGS, arg_text, compile_option, encode_chat, er
                          setup_decoding, stop_option, timings)
 from ..errors import InputError, LlmshError
 from .routing import route
+from .client import remote_generate, server_option
 
 # Commands that live in their own modules, imported only when used (or listed by --help).
 # issue 5: a module llmsh/cli_bench.py defining the click command `bench` is picked up here.
@@ -208,8 +209,10 @@ def _write_json(obj) -> None:
 @quantize_option
 @compile_option
 @tp_option
+@server_option
 def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx, temperature, top_k,
-             top_p, min_p, repetition_penalty, seed, stop, stats, as_json, errors, quantize, compile_, tp):
+             top_p, min_p, repetition_penalty, seed, stop, stats, as_json, errors, quantize, compile_, tp,
+             server):
     """Generate one reply to PROMPT and stream it to stdout.
 
     The prompt is the arguments joined by spaces. When stdin is not a terminal, its content comes
@@ -227,6 +230,10 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
       llmsh generate --json --stop "." "Say hi" | jq .text
     """
     output.input_errors = errors
+    if server:      # client mode: no torch, no model here (llmsh/cli/client.py)
+        return remote_generate(server, prompt, chat_mode, system, max_tokens, n_ctx, stop, stats, as_json,
+                               errors, dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                            repetition_penalty=repetition_penalty, seed=seed))
     group, _ = ranks.setup(tp, device)
     text = ranks.shared(group, lambda: read_prompt(prompt, errors))  # bad input fails before torch loads
     if group is not None and seed is None:      # every rank samples the same tokens

@@ -167,8 +167,9 @@ class API:
             raise APIError(400, str(e)) from None
 
     def _budget(self, n_prompt: int, max_tokens: int | None, *, param: str, default: int | None = None,
-                scoring: bool = False) -> int:
-        """max_tokens checked against the context; None: ``default`` (capped), else what is left."""
+                scoring: bool = False, fit: bool = False) -> int:
+        """max_tokens checked against the context; None: ``default`` (capped), else what is left;
+        ``fit``: a max_tokens beyond the context is capped rather than an error."""
         room = self.n_ctx - n_prompt
         if room < (0 if scoring else 1):
             raise APIError(400, f"the prompt is {n_prompt} tokens but the context is {self.n_ctx} tokens"
@@ -177,6 +178,8 @@ class API:
                            code="context_length_exceeded")
         if max_tokens is None:
             return room if default is None else min(default, room)
+        if max_tokens > room and fit:
+            return room
         if max_tokens > room:
             raise APIError(400, f"max_tokens is {max_tokens} but the context is {self.n_ctx} tokens and "
                            f"the prompt takes {n_prompt}: at most {room} can be generated",
@@ -203,6 +206,12 @@ class API:
             offsets.append(offset)
             offset += len(s)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def _details(self, req, results) -> dict:
+        if not req.llmsh.details:
+            return {}
+        d = [r.details(self.n_ctx) for r in results]
+        return {"llmsh": d[0] if len(d) == 1 else d}
 
     @staticmethod
     def _usage(results) -> dict:
@@ -238,7 +247,7 @@ class API:
         if not ids:
             raise APIError(400, "the messages have no tokens", param="messages")
         want = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens = self._budget(len(ids), want, param="max_tokens")
+        max_tokens = self._budget(len(ids), want, param="max_tokens", fit=req.llmsh.fit_context)
         params = self._params(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -254,7 +263,7 @@ class API:
                       "logprobs": {"content": self._chat_logprobs(r.logprobs)} if k is not None else None,
                       "finish_reason": r.finish_reason}
             return JSONResponse({**head, "object": "chat.completion", "choices": [choice],
-                                 "usage": self._usage([r])})
+                                 "usage": self._usage([r]), **self._details(req, [r])})
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(delta, finish=None, logprobs=None):
@@ -266,7 +275,7 @@ class API:
                 text, entries = value
                 lp = {"content": self._chat_logprobs(entries)} if k is not None else None
                 return [chunk({"content": text}, logprobs=lp)], False
-            out = [chunk({}, value.finish_reason)]
+            out = [{**chunk({}, value.finish_reason), **self._details(req, [value])}]
             if include_usage:
                 out.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": self._usage([value])})
             return out, True
@@ -299,7 +308,8 @@ class API:
             if not ids:
                 raise APIError(400, "the prompt has no tokens", param="prompt")
         scoring = req.echo and req.max_tokens == 0
-        budgets = [self._budget(len(ids), req.max_tokens, param="max_tokens", default=16, scoring=scoring)
+        budgets = [self._budget(len(ids), req.max_tokens, param="max_tokens", default=16, scoring=scoring,
+                                fit=req.llmsh.fit_context)
                    for ids in all_ids]
         params = self._params(req)
         k = req.logprobs
@@ -325,7 +335,8 @@ class API:
                     lp = self._completion_logprobs((r.prompt_logprobs or []) + (r.logprobs or []))
                 choices.append({"index": i, "text": prefix + r.text, "logprobs": lp,
                                 "finish_reason": r.finish_reason})
-            return JSONResponse({**head, "choices": choices, "usage": self._usage(results)})
+            return JSONResponse({**head, "choices": choices, "usage": self._usage(results),
+                                 **self._details(req, results)})
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(text, finish=None, logprobs=None):
@@ -339,7 +350,7 @@ class API:
                 lp = self._completion_logprobs(entries, offset[0]) if k is not None else None
                 offset[0] += len(text)
                 return [chunk(text, logprobs=lp)], False
-            out = [chunk("", value[0].finish_reason)]
+            out = [{**chunk("", value[0].finish_reason), **self._details(req, value)}]
             if include_usage:
                 out.append({**head, "choices": [], "usage": self._usage(value)})
             return out, True

@@ -73,6 +73,18 @@ class GenerationResult:
     prompt_logprobs: list[TokenLogprob] | None = None
     logprobs: list[TokenLogprob] | None = None
     token_ids: list[int] = field(default_factory=list)
+    context_used: int = 0
+    stats: GenerationStats | None = None
+
+    def details(self, n_ctx: int) -> dict:
+        """llmsh's extra reply fields (the request's ``llmsh.details``): what ``llmsh generate
+        --json`` and ``--stats`` print (seconds, tokens)."""
+        st = self.stats or GenerationStats(prompt_tokens=self.prompt_tokens)
+        return {"token_ids": self.token_ids, "n_ctx": n_ctx, "context_used": self.context_used,
+                "stats": {"prompt_tokens": st.prompt_tokens, "reused_tokens": st.reused_tokens,
+                          "generated_tokens": st.generated_tokens, "prefill_seconds": st.prefill_seconds,
+                          "decode_seconds": st.decode_seconds, "ttft_seconds": st.ttft_seconds,
+                          "decode_steps": st.decode_steps, "finish_reason": self.finish_reason}}
 
 
 def _score_prompt(state: ModelState, ids: list[int], k: int, job) -> list[TokenLogprob]:
@@ -121,6 +133,7 @@ def generate(state: ModelState, job, ids: list[int], params, *, max_tokens: int,
         res.cached_tokens = reuse
     if max_tokens == 0:
         res.finish_reason = "length"
+        res.context_used = cache.offset
         return res
     pending: list[TokenLogprob] = []
     if logprobs is not None:
@@ -152,12 +165,14 @@ def generate(state: ModelState, job, ids: list[int], params, *, max_tokens: int,
         full = ids + stats.token_ids
         cache.trim(min(cache.offset, len(full)))
         state.cache_ids = full[: cache.offset]
+        res.context_used = cache.offset
     if res.logprobs is not None and pending:   # tokens of a cut stop string or a held-back tail
         res.logprobs += pending
     res.text = "".join(text)
     res.finish_reason = stats.finish_reason or "length"
     res.completion_tokens = len(stats.token_ids)
     res.token_ids = list(stats.token_ids)
+    res.stats = stats
     return res
 
 

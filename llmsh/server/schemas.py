@@ -25,6 +25,16 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class LlmshOptions(_Body):
+    """llmsh's own request options (the ``llmsh`` field), used by the command line's client mode:
+    fit_context: cap max_tokens at what the context leaves instead of answering 400 (as
+    ``llmsh generate -n`` does); details: add ``"llmsh": {token_ids, n_ctx, context_used,
+    stats}`` to the reply (the last chunk when streaming)."""
+
+    fit_context: bool = False
+    details: bool = False
+
+
 class _Sampling(_Body):
     model: str | None = None      # one model is served: any name is accepted
     temperature: Annotated[float, Field(ge=0)] | None = None
@@ -40,6 +50,7 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
     user: str | None = None
+    llmsh: LlmshOptions = LlmshOptions()
 
     def stops(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)

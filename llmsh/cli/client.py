@@ -1,0 +1,158 @@
+"""Client mode: ``llmsh generate --server URL`` (or ``LLMSH_SERVER``) asks a running ``llmsh serve``.
+
+No torch and no model load in this process, so the answer starts in a fraction of a second.
+HTTP goes through the standard library's ``http.client``: it imports in a few milliseconds,
+where httpx takes longer than the whole start-up budget on a loaded 2-core machine. Output,
+exit codes and ``--json`` are those of the command without a server; the server's errors
+become the usual one-line ``llmsh: error: ...``; a server that is not there is one line naming
+the URL. ``LLMSH_API_KEY``, when set, is sent as the Bearer token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import click
+
+from ..errors import InputError
+
+
+def server_option(f):
+    """``--server URL`` [env: LLMSH_SERVER]."""
+    return click.option("--server", envvar="LLMSH_SERVER", metavar="URL",
+                        help="Ask the llmsh serve running at URL (e.g. http://127.0.0.1:8088) instead of "
+                             "loading the model here: same output, no start-up cost. The server's "
+                             "model and context apply [env: LLMSH_SERVER; key: LLMSH_API_KEY].")(f)
+
+
+class Server:
+    """A running ``llmsh serve`` at ``url`` (http or https, with an optional base path)."""
+
+    def __init__(self, url: str, api_key: str | None = None):
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url if "://" in url else "http://" + url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise InputError(f"--server {url!r} is not an http:// or https:// URL")
+        self.url = url
+        self.scheme, self.host, self.port = u.scheme, u.hostname, u.port
+        self.base = u.path.rstrip("/")
+        if self.base.endswith("/v1"):      # the OpenAI base URL works too
+            self.base = self.base[:-3]
+        self.api_key = api_key if api_key is not None else os.environ.get("LLMSH_API_KEY") or None
+
+    def post(self, path: str, body: dict):
+        """POST ``body`` as JSON; the open response (status 200). Raises InputError: the server
+        cannot be reached (naming the URL), or it answered an error (its message)."""
+        import http.client
+
+        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=600)
+        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        try:
+            conn.request("POST", self.base + path, body=json.dumps(body).encode(), headers=headers)
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            raise InputError(f"cannot reach the llmsh server at {self.url}: {reason}") from None
+        if resp.status != 200:
+            raw = resp.read()
+            try:
+                msg = json.loads(raw)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                msg = f"HTTP {resp.status} {resp.reason}"
+            raise InputError(f"the server at {self.url}: {msg}")
+        return resp
+
+    def events(self, resp):
+        """The JSON chunks of a server-sent-events reply, up to ``data: [DONE]``."""
+        for raw in resp:
+            line = raw.decode("utf-8").rstrip("\r\n")
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                return
+            obj = json.loads(data)
+            if "error" in obj:
+                raise InputError(f"the server at {self.url}: {obj['error'].get('message')}")
+            yield obj
+
+
+def _stats(d: dict) -> SimpleNamespace:
+    """The server's ``llmsh.stats`` as the attributes of :class:`llmsh.generate.GenerationStats`
+    that the --stats line and --json timings read (without importing the engine)."""
+    st = SimpleNamespace(**d)
+    prefill = st.prompt_tokens - st.reused_tokens
+    st.prefill_tokens_per_s = prefill / st.prefill_seconds if st.prefill_seconds > 0 else 0.0
+    st.decode_tokens_per_s = st.decode_steps / st.decode_seconds if st.decode_seconds > 0 else 0.0
+    return st
+
+
+def generate_remote(url: str, text: str, *, chat_mode: bool | None, system: str | None, max_tokens: int,
+                    sampling: dict, stop, stats: bool, as_json: bool) -> None:
+    """``llmsh generate`` through the server: the chat endpoint (the server's chat template;
+    --raw: the completions endpoint), streamed to stdout, or one --json object."""
+    from . import output
+    from .common import timings
+
+    server = Server(url)
+    body = {"max_tokens": max_tokens, "stream": not as_json, "llmsh": {"fit_context": True, "details": True},
+            **{k: v for k, v in sampling.items() if v is not None}}
+    if stop:
+        body["stop"] = list(stop)
+    if chat_mode is False:
+        if system is not None:
+            raise click.UsageError("--system needs chat mode (drop --raw)")
+        path, body["prompt"] = "/v1/completions", text
+    else:
+        path = "/v1/chat/completions"
+        body["messages"] = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": text}]
+    resp = server.post(path, body)
+    if as_json:
+        reply = json.loads(resp.read())
+        choice = reply["choices"][0]
+        d = reply["llmsh"]
+        st = _stats(d["stats"])
+        text_out = choice["message"]["content"] if "message" in choice else choice["text"]
+        click.echo(json.dumps({"text": text_out, "tokens": d["token_ids"], "finish_reason": choice["finish_reason"],
+                               "prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens,
+                               "n_ctx": d["n_ctx"], "timings": timings(st)}, ensure_ascii=False, allow_nan=False))
+    else:
+        out = output.StreamWriter()
+        d = None
+        try:
+            for chunk in server.events(resp):
+                if "llmsh" in chunk:
+                    d = chunk["llmsh"]
+                for c in chunk.get("choices") or []:
+                    piece = c["delta"].get("content") if "delta" in c else c.get("text")
+                    if piece:
+                        out.write(piece)
+        finally:
+            out.finish()
+    if stats and d is not None:
+        output.notice(output.stats_line(_stats(d["stats"]), context_used=d["context_used"], n_ctx=d["n_ctx"]))
+
+
+def remote_generate(server, prompt, chat_mode, system, max_tokens, n_ctx, stop, stats, as_json, errors,
+                    sampling) -> None:
+    """The ``generate`` command with ``--server``: checks what only applies to a local model,
+    reads the prompt as without a server, and asks the server."""
+    from .common import arg_text, read_prompt
+
+    ctx = click.get_current_context()
+    local = [p for p in ("model", "n_ctx", "quantize", "compile_", "tp")
+             if ctx.get_parameter_source(p) is not None and ctx.get_parameter_source(p).name == "COMMANDLINE"]
+    if local:
+        name = {"compile_": "compile", "n_ctx": "n-ctx"}.get(local[0], local[0])
+        raise click.UsageError(f"--{name} is the server's (given to llmsh serve): drop it with --server")
+    text = read_prompt(prompt, errors)
+    system = None if system is None else arg_text(system, "the --system value", errors)
+    generate_remote(server, text, chat_mode=chat_mode, system=system, max_tokens=max_tokens, sampling=sampling,
+                    stop=stop, stats=stats, as_json=as_json)
