@@ -456,9 +456,25 @@ def test_uvicorn_process_with_the_openai_client():
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.stdout.rstrip("\n")
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="m", max_tokens=10**6, messages=[{"role": "user", "content": "x"}])
+        # SIGTERM while a long reply streams: it ends with an error event and [DONE], the process with 0.
+        import httpx
+
+        with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                          json={"prompt": "Once upon a time", "max_tokens": 1000, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            t0 = time.time()
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][len("data: "):])["error"]["code"] == "shutting_down"
+        _, err = proc.communicate(timeout=60)
+        assert time.time() - t0 < 10
     finally:
-        err = _stop(proc)
-    assert "serving on http://127.0.0.1:" in err
+        if proc.poll() is None:
+            _stop(proc)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "serving on http://127.0.0.1:" in err
 
 
 def _start_server(args, env=None):

@@ -10,7 +10,7 @@ import threading
 
 from ..errors import InputError
 
-GRACEFUL_SHUTDOWN_S = 5   # in-flight replies get this long to finish before they are cut
+GRACEFUL_SHUTDOWN_S = 5   # connections get this long to close after a signal before they are cut
 
 
 def is_loopback(host: str) -> bool:
@@ -46,9 +46,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(app, host: str = "127.0.0.1", port: int = 8088, *, notice=None, log_level: str = "warning",
           access_log: bool = False) -> None:
-    """Run ``app`` until SIGINT or SIGTERM, then stop: no new connections, in-flight replies get
-    :data:`GRACEFUL_SHUTDOWN_S` seconds, then the model thread stops. Returns normally (no
-    re-raised signal, no traceback). ``notice`` is called with the one-line "serving" message.
+    """Run ``app`` until SIGINT or SIGTERM, then stop: no new connections; the running and the
+    queued requests are cancelled (a 503 "shutting down" error; a stream: an error event and
+    ``[DONE]``; generation stops at the next token); connections get :data:`GRACEFUL_SHUTDOWN_S`
+    seconds to close; the model thread stops. Returns normally (no re-raised signal, no traceback). ``notice`` is called with the one-line "serving" message.
 
     Raises InputError when the address cannot be bound.
     """
@@ -59,7 +60,8 @@ def serve(app, host: str = "127.0.0.1", port: int = 8088, *, notice=None, log_le
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    server = _Server(config)
+    api = getattr(getattr(app, "state", None), "api", None)
+    server = _Server(config, on_exit=api.worker.cancel_all if api is not None else None)
     if notice is not None:
         notice(f"serving on http://{shown}:{actual} (Ctrl-C to stop)")
     try:
@@ -68,13 +70,20 @@ def serve(app, host: str = "127.0.0.1", port: int = 8088, *, notice=None, log_le
         sock.close()
 
 
-def _Server(config):
+def _Server(config, on_exit=None):
     """uvicorn's Server, except that a signal that stopped it is not raised again afterwards
     (uvicorn re-raises it so that the default action runs: SIGTERM would then kill the process
-    with status 143 after a clean shutdown, SIGINT would surface as KeyboardInterrupt)."""
+    with status 143 after a clean shutdown, SIGINT would surface as KeyboardInterrupt), and
+    ``on_exit`` runs at the signal: the model's jobs are cancelled then, so that streams end
+    with an error event at once instead of holding the shutdown for the graceful timeout."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            if on_exit is not None:
+                on_exit()
+
         @contextlib.contextmanager
         def capture_signals(self):
             if threading.current_thread() is not threading.main_thread():

@@ -34,6 +34,7 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self._cancel = threading.Event()
+        self.reason = APIError(503, "the request was cancelled", code="cancelled")
 
     def emit(self, kind: str, value=None) -> None:
         """Queue an event for the request (from the model thread)."""
@@ -42,7 +43,10 @@ class Job:
         except RuntimeError:   # the event loop is closed: nobody is listening any more
             pass
 
-    def cancel(self) -> None:
+    def cancel(self, reason: APIError | None = None) -> None:
+        """Stop the job at its next check; ``reason`` is the error its request then gets."""
+        if reason is not None and not self._cancel.is_set():
+            self.reason = reason
         self._cancel.set()
 
     @property
@@ -120,7 +124,7 @@ class ModelWorker:
                 job.check()
                 job.emit("done", job.fn(job))
             except Cancelled:
-                job.emit("error", APIError(503, "the request was cancelled", code="cancelled"))
+                job.emit("error", job.reason)
             except APIError as e:
                 job.emit("error", e)
             except LlmshError as e:
@@ -132,20 +136,27 @@ class ModelWorker:
                 self._current = None
                 self.jobs_done += 1
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Refuse new jobs, cancel the waiting ones and the running one, end the thread."""
+    def cancel_all(self) -> None:
+        """Refuse new jobs and cancel the waiting ones and the running one: each request gets a
+        503 "shutting down" error (a stream: an error event, then ``[DONE]``). Safe to call from
+        a signal handler."""
         self._stopping = True
+        reason = APIError(503, "the server is shutting down", code="shutting_down")
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
-                job.cancel()
-                job.emit("error", APIError(503, "the server is shutting down", code="shutting_down"))
+                job.cancel(reason)
+                job.emit("error", reason)
         current = self._current
         if current is not None:
-            current.cancel()
+            current.cancel(reason)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """:meth:`cancel_all`, then end the thread."""
+        self.cancel_all()
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(timeout)
