@@ -284,6 +284,8 @@ ERRORS = [
     ("/v1/completions", b'{"prompt": "x", "suffix": "y"}', 422, "suffix"),
     ("/v1/completions", b'{"prompt": "x", "logprobs": true}', 422, "logprobs"),
     ("/tokenize", b'{"text": 5}', 422, "text"),
+    ("/tokenize", b'{"text": "a\\ud800b"}', 400, None),                 # a lone surrogate
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\uDFFF"}]}', 400, None),
     ("/perplexity", b'{"text": "x", "n_ctx": 100000}', 400, "n_ctx"),
 ]
 
@@ -342,16 +344,24 @@ def test_a_client_that_goes_away_stops_its_generation(app, api):
     async def drive(disconnect_after: int | None):
         gone = asyncio.Event()
         sent_body = False
+        t_body = 0.0
         chunks = []
 
         async def receive():
             nonlocal sent_body
+            nonlocal t_body
             if not sent_body:
                 sent_body = True
+                t_body = time.monotonic()
                 return {"type": "http.request", "body": body, "more_body": False}
             if disconnect_after is None:
                 await asyncio.Event().wait()
-            await gone.wait()
+            if disconnect_after:
+                await gone.wait()
+            else:   # gone 20 ms after the body; then, as uvicorn, say so without waiting
+                left = t_body + 0.02 - time.monotonic()
+                if left > 0:
+                    await asyncio.sleep(left)
             return {"type": "http.disconnect"}
 
         async def send(msg):
@@ -375,6 +385,20 @@ def test_a_client_that_goes_away_stops_its_generation(app, api):
 
     full = asyncio.run(drive(None))
     assert len(api.state.cache_ids) - n_prompt >= 199, "precondition: the greedy reply runs to max_tokens"
+    # The same request not streamed: the client that goes away cancels it too.
+    fresh_cache(api)
+    done = api.worker.jobs_done
+    body = body.replace(b'"stream": true', b'"stream": false')
+    api.disconnect_poll_s = 0.005     # 200 tokens of the tiny model take a few tenths of a second
+    try:
+        asyncio.run(drive(0))
+    finally:
+        api.disconnect_poll_s = 0.25
+    deadline = time.time() + 30
+    while (api.worker.busy or api.worker.jobs_done == done) and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(api.state.cache_ids) - n_prompt < 150
+    body = body.replace(b'"stream": false', b'"stream": true')
     fresh_cache(api)
     done = api.worker.jobs_done
     asyncio.run(drive(2))         # the first chunk and one token, then the client is gone

@@ -11,6 +11,7 @@ range), 503 a full queue (with ``Retry-After``); a bug is a 500 with one line, n
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -71,6 +72,13 @@ async def read_body(request: Request, model: type[BaseModel], limit: int) -> Bas
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    if "\\ud" in text.lower():
+        # A \uD800-\uDFFF escape not paired into one character is text no UTF-8 can hold.
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the request body has a lone surrogate (\\uD800-\\uDFFF escape): "
+                           "it is not valid Unicode text", code="invalid_utf8") from None
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -153,6 +161,7 @@ class API:
         self.state = generation.ModelState(lm, n_ctx)
         self.worker = ModelWorker(self.state, max_queue)
         self.created = int(time.time())
+        self.disconnect_poll_s = 0.25   # how often a non-streamed request checks for its client
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -258,7 +267,7 @@ class API:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": self.model_id, "system_fingerprint": None}
         if not req.stream:
-            r = await job.result()
+            r = await _result(job, request, self.disconnect_poll_s)
             choice = {"index": 0, "message": {"role": "assistant", "content": r.text},
                       "logprobs": {"content": self._chat_logprobs(r.logprobs)} if k is not None else None,
                       "finish_reason": r.finish_reason}
@@ -327,7 +336,7 @@ class API:
                 "system_fingerprint": None}
         texts = [self.tok.decode(ids) if req.echo else "" for ids in all_ids]
         if not req.stream:
-            results = await job.result()
+            results = await _result(job, request, self.disconnect_poll_s)
             choices = []
             for i, (r, prefix) in enumerate(zip(results, texts)):
                 lp = None
@@ -391,7 +400,25 @@ class API:
         job = self.worker.submit(lambda job: generation.perplexity(
             st, job, req.text, n_ctx=req.n_ctx, stride=req.stride, all_tokens=req.all_tokens,
             per_token=req.per_token, top_logprobs=req.top_logprobs))
-        return JSONResponse(await job.result())
+        return JSONResponse(await _result(job, request, self.disconnect_poll_s))
+
+
+async def _result(job, request: Request, poll_s: float = 0.25):
+    """The job's value; if the client disconnects first, the job is cancelled (at its next
+    token) and the request ends without a reply."""
+    task = asyncio.ensure_future(job.result())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                job.cancel()
+                raise APIError(499, "the client went away", code="client_closed")
+    finally:
+        if not task.done():
+            job.cancel()
+            task.cancel()
 
 
 def _sse(job, start: list[dict], render) -> StreamingResponse:
