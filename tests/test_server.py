@@ -629,3 +629,27 @@ def test_generate_through_a_server_is_generate_without_torch(chat_model, tmp_pat
     gone = llmsh("generate", "--server", url, "hi")
     assert gone.returncode == 1
     assert gone.stderr == f"llmsh: error: cannot reach the llmsh server at {url}: Connection refused\n"
+
+
+def test_an_eos_that_ends_a_completion_has_its_logprob(lm):
+    """lm-evaluation-harness sends max_tokens 1 and drops the last logprob as the generated token:
+    a reply ended by EOS must still have that entry, or the prompt's last token would be dropped."""
+    from types import SimpleNamespace
+
+    from llmsh.sampling import SamplingParams
+    from llmsh.server import generation
+    from llmsh.server.worker import Job
+
+    ids = lm.tokenizer.encode("Hello, how are you")
+    job = Job(lambda job: None, asyncio.new_event_loop())
+    greedy = SamplingParams(temperature=0)
+    first = generation.generate(generation.ModelState(lm, 64), job, ids, greedy, max_tokens=1, stops=[],
+                                logprobs=1, echo_logprobs=1)
+    (tok,) = first.token_ids
+    as_eos = SimpleNamespace(decoder=lm.decoder, tokenizer=lm.tokenizer, device=lm.device, eos_ids=[tok])
+    r = generation.generate(generation.ModelState(as_eos, 64), job, ids, greedy, max_tokens=1, stops=[],
+                            logprobs=1, echo_logprobs=1, eos_logprob=True)
+    assert r.finish_reason == "stop" and r.completion_tokens == 0
+    assert [e.id for e in r.logprobs] == [tok]
+    assert r.logprobs[0].logprob == pytest.approx(first.logprobs[0].logprob, abs=1e-5)
+    assert [e.logprob for e in r.prompt_logprobs] == [e.logprob for e in first.prompt_logprobs]

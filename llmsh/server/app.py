@@ -327,7 +327,7 @@ class API:
 
         def run(job):
             return [generation.generate(st, job, ids, params, max_tokens=n, stops=stops, logprobs=k,
-                                        echo_logprobs=echo_k, stream=req.stream)
+                                        echo_logprobs=echo_k, stream=req.stream, eos_logprob=True)
                     for ids, n in zip(all_ids, budgets)]
 
         job = self.worker.submit(run)

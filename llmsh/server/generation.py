@@ -110,7 +110,7 @@ def _score_prompt(state: ModelState, ids: list[int], k: int, job) -> list[TokenL
 
 def generate(state: ModelState, job, ids: list[int], params, *, max_tokens: int, stops: list[str],
              logprobs: int | None = None, echo_logprobs: int | None = None,
-             stream: bool = False) -> GenerationResult:
+             stream: bool = False, eos_logprob: bool = False) -> GenerationResult:
     """Generate up to ``max_tokens`` tokens after ``ids`` (the whole prompt), reusing the cache.
 
     params: :class:`llmsh.sampling.SamplingParams` (a seed seeds this request's generator);
@@ -118,7 +118,9 @@ def generate(state: ModelState, job, ids: list[int], params, *, max_tokens: int,
     logprobs); echo_logprobs: also score the prompt's own tokens with this many alternatives
     (the prompt is then prefilled from scratch, without reuse). With ``stream``, each text piece
     is emitted as ``("piece", (text, [TokenLogprob, ...]))`` as it is generated. The caller has
-    checked that ``len(ids) + max_tokens <= state.n_ctx``.
+    checked that ``len(ids) + max_tokens <= state.n_ctx``. ``eos_logprob``: with logprobs, an
+    end-of-sequence token that ended the reply gets an entry too (legacy completions do: a client
+    such as lm-evaluation-harness drops the last entry as the generated one).
     Raises :class:`llmsh.server.worker.Cancelled` at the next token once the job is cancelled.
     """
     lm, cache = state.lm, state.cache
@@ -168,6 +170,15 @@ def generate(state: ModelState, job, ids: list[int], params, *, max_tokens: int,
         res.context_used = cache.offset
     if res.logprobs is not None and pending:   # tokens of a cut stop string or a held-back tail
         res.logprobs += pending
+    full = ids + stats.token_ids
+    if (eos_logprob and res.logprobs is not None and stats.stop_token_id is not None
+            and cache.offset == len(full)):
+        # The EOS was sampled from the last position's logits: one step again to get them.
+        cache.trim(cache.offset - 1)
+        with torch.no_grad():
+            last = lm.decoder(torch.as_tensor([[full[-1]]], dtype=torch.long, device=lm.device), cache,
+                              last_only=True)[0, -1]
+        res.logprobs.append(_entry(torch.log_softmax(last.float(), -1), stats.stop_token_id, logprobs))
     res.text = "".join(text)
     res.finish_reason = stats.finish_reason or "length"
     res.completion_tokens = len(stats.token_ids)
