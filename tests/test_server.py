@@ -613,6 +613,16 @@ def test_generate_through_a_server_is_generate_without_torch(chat_model, tmp_pat
             streamed = llmsh("generate", "--server", url, "--stats", *args)
             assert streamed.returncode == 0 and streamed.stdout == a["text"] + "\n"
             assert "tokens/s" in streamed.stderr
+        for args in (["Hello <|im_end|> wörld 🙂"], ["--pieces", "Café 🙂"], ["--json", "Hi there"],
+                     ["--count", "Hi there"], ["--parse-special", "--json", "<|im_start|>user"],
+                     ["--no-bos", "Hi"]):
+            here = llmsh("tokenize", "-m", str(chat_model), *args)
+            there = llmsh("tokenize", "--server", url, *args)
+            assert here.returncode == there.returncode == 0 and here.stdout == there.stdout, (args, there.stderr)
+        ids = llmsh("tokenize", "--server", url, "Hello wörld").stdout
+        back = subprocess.run([sys.executable, "-m", "llmsh", "tokenize", "--decode", "--server", url], env=env,
+                              input=ids, capture_output=True, text=True, timeout=60)
+        assert back.stdout == "Hello wörld"
         # No torch in the client: a command run in-process, then a look at what it imported.
         code = ("import sys; from llmsh.cli.main import cli; "
                 f"rc = cli.main(['generate', '--server', {url!r}, '-n', '3', 'Hi'], standalone_mode=False); "

@@ -156,3 +156,27 @@ def remote_generate(server, prompt, chat_mode, system, max_tokens, n_ctx, stop, 
     system = None if system is None else arg_text(system, "the --system value", errors)
     generate_remote(server, text, chat_mode=chat_mode, system=system, max_tokens=max_tokens, sampling=sampling,
                     stop=stop, stats=stats, as_json=as_json)
+
+
+class _RemoteTokenizer:
+    """The server's tokenizer, as ``tokenize`` uses it (``/tokenize``, ``/detokenize``)."""
+
+    def __init__(self, server: Server):
+        self.server = server
+
+    def encode(self, text: str, *, add_bos: bool | None, parse_special: bool) -> tuple[list[int], list[str]]:
+        """(ids, pieces) of ``text``."""
+        r = json.loads(self.server.post("/tokenize", {"text": text, "add_bos": add_bos,
+                                                      "parse_special": parse_special}).read())
+        return r["ids"], r["pieces"]
+
+    def decode(self, ids: list[int]) -> str:
+        return json.loads(self.server.post("/detokenize", {"ids": ids}).read())["text"]
+
+
+def remote_tokenizer(url: str) -> _RemoteTokenizer:
+    """``tokenize --server URL``: -m and the model options belong to the server then."""
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("model") is not None and ctx.get_parameter_source("model").name == "COMMANDLINE":
+        raise click.UsageError("--model is the server's (given to llmsh serve): drop it with --server")
+    return _RemoteTokenizer(Server(url))

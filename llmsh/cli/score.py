@@ -14,6 +14,7 @@ from .common import CONTEXT_SETTINGS, arg_text, errors_option, load, model_optio
 from . import ppl_kl
 from ..errors import InputError
 from ..files import PendingFile
+from .client import remote_tokenizer, server_option
 
 # The default protocol scores positions n_ctx/2 .. n_ctx-2 of each window: at least one at 4.
 MIN_N_CTX = 4
@@ -240,8 +241,9 @@ def _parse_ids(text: str, vocab_size: int) -> list[int]:
             i = int(part)
         except ValueError:
             raise InputError(f"not a token id: {part[:40]!r} (give integers separated by spaces or commas)") from None
-        if not 0 <= i < vocab_size:
-            raise InputError(f"token id {i} is out of range (vocabulary size {vocab_size})")
+        if i < 0 or (vocab_size is not None and i >= vocab_size):   # None: the server checks
+            size = f" (vocabulary size {vocab_size})" if vocab_size is not None else ""
+            raise InputError(f"token id {i} is out of range{size}")
         ids.append(i)
     return ids
 
@@ -260,7 +262,8 @@ def _parse_ids(text: str, vocab_size: int) -> list[int]:
                    "tokenized as ordinary text.")
 @click.option("--decode", is_flag=True, help="Turn ids (space- or comma-separated) back into text.")
 @errors_option
-def tokenize(text, model, device, dtype, pieces, count, as_json, no_bos, parse_special, decode, errors):
+@server_option
+def tokenize(text, model, device, dtype, pieces, count, as_json, no_bos, parse_special, decode, errors, server):
     """Tokenize TEXT (or stdin, exactly as given) and print the token ids.
 
     Adds BOS when the model's tokenizer does (--no-bos to disable). Special-token text is NOT
@@ -285,11 +288,18 @@ def tokenize(text, model, device, dtype, pieces, count, as_json, no_bos, parse_s
         if output.stdin_is_terminal():
             raise click.UsageError("give TEXT or pipe text on stdin")
         text = output.read_stdin(errors=errors)
-    lm = _load_tokenizer_only(model, device, dtype)
-    tok = lm.tokenizer
+    if server:      # client mode: the server's tokenizer (llmsh/cli/client.py)
+        remote = remote_tokenizer(server)
+        tok = None
+    else:
+        tok = _load_tokenizer_only(model, device, dtype).tokenizer
     if decode:
-        ids = _parse_ids(text, tok.vocab_size)
-        decoded = tok.decode(ids)
+        if tok is None:
+            ids = _parse_ids(text, None)
+            decoded = remote.decode(ids)
+        else:
+            ids = _parse_ids(text, tok.vocab_size)
+            decoded = tok.decode(ids)
         if as_json:
             click.echo(json.dumps({"text": decoded, "ids": ids, "count": len(ids)}, ensure_ascii=False))
             return
@@ -298,11 +308,15 @@ def tokenize(text, model, device, dtype, pieces, count, as_json, no_bos, parse_s
         if output.is_terminal(out) and not decoded.endswith("\n"):
             out.write("\n")
         return
-    ids = tok.encode(text, add_bos=False if no_bos else None, parse_special=parse_special)
+    if tok is None:
+        ids, texts = remote.encode(text, add_bos=False if no_bos else None, parse_special=parse_special)
+    else:
+        ids = tok.encode(text, add_bos=False if no_bos else None, parse_special=parse_special)
     if count:
         click.echo(str(len(ids)))
         return
-    texts = _pieces(tok, ids)
+    if tok is not None:
+        texts = _pieces(tok, ids)
     if as_json:
         click.echo(json.dumps({"ids": ids, "pieces": texts, "count": len(ids)}, ensure_ascii=False))
         return
