@@ -623,6 +623,23 @@ def test_generate_through_a_server_is_generate_without_torch(chat_model, tmp_pat
         back = subprocess.run([sys.executable, "-m", "llmsh", "tokenize", "--decode", "--server", url], env=env,
                               input=ids, capture_output=True, text=True, timeout=60)
         assert back.stdout == "Hello wörld"
+        src = tmp_path / "t.txt"
+        src.write_text(TEXT * 3 + "\n", encoding="utf-8")
+        for args in (["-c", "16"], ["-c", "16", "--json"], ["--stride", "8", "-c", "16", "--json"],
+                     ["-c", "16", "--all-tokens"]):
+            here = llmsh("ppl", "-m", str(chat_model), *args, str(src))
+            there = llmsh("ppl", "--server", url, *args, str(src))
+            assert here.returncode == there.returncode == 0 and here.stdout == there.stdout, (args, there.stderr)
+        rows_here, rows_there = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+        llmsh("ppl", "-m", str(chat_model), "-c", "16", "--per-token", str(rows_here), "--top-logprobs", "2", str(src))
+        r = llmsh("ppl", "--server", url, "-c", "16", "--per-token", str(rows_there), "--top-logprobs", "2", str(src))
+        assert r.returncode == 0, r.stderr
+        a = [json.loads(x) for x in rows_here.read_text().splitlines()]
+        b = [json.loads(x) for x in rows_there.read_text().splitlines()]
+        assert [(x["source"], x["position"], x["id"], x["text"]) for x in a] == \
+            [(x["source"], x["position"], x["id"], x["text"]) for x in b]
+        assert [x["logprob"] for x in a] == pytest.approx([x["logprob"] for x in b], abs=1e-9)
+        assert llmsh("ppl", "--server", url, "--each-line", str(src)).returncode == 2
         # No torch in the client: a command run in-process, then a look at what it imported.
         code = ("import sys; from llmsh.cli.main import cli; "
                 f"rc = cli.main(['generate', '--server', {url!r}, '-n', '3', 'Hi'], standalone_mode=False); "

@@ -1,4 +1,5 @@
-"""Client mode: ``llmsh generate --server URL`` (or ``LLMSH_SERVER``) asks a running ``llmsh serve``.
+"""Client mode: ``generate``, ``tokenize`` and ``perplexity`` with ``--server URL`` (or
+``LLMSH_SERVER``) ask a running ``llmsh serve``.
 
 No torch and no model load in this process, so the answer starts in a fraction of a second.
 HTTP goes through the standard library's ``http.client``: it imports in a few milliseconds,
@@ -180,3 +181,40 @@ def remote_tokenizer(url: str) -> _RemoteTokenizer:
     if ctx.get_parameter_source("model") is not None and ctx.get_parameter_source("model").name == "COMMANDLINE":
         raise click.UsageError("--model is the server's (given to llmsh serve): drop it with --server")
     return _RemoteTokenizer(Server(url))
+
+
+def remote_perplexity(url: str, sources: list[str], *, n_ctx: int | None, stride, all_tokens: bool, as_json: bool,
+                      per_token, top_logprobs, errors: str, result_line, strip) -> None:
+    """``perplexity --server URL``: one FILE (or stdin) scored by the server's ``/perplexity``;
+    the same result line, --json object and --per-token rows as without a server."""
+    from . import output
+
+    ctx = click.get_current_context()
+    for p in ("model", "quantize", "tp", "each_line", "kl_base", "kl_divergence"):
+        src = ctx.get_parameter_source(p)
+        if src is not None and src.name == "COMMANDLINE":
+            raise click.UsageError(f"--{p.replace('_', '-')} does not work with --server")
+    if len(sources) > 1:
+        raise click.UsageError("with --server, give one FILE (or stdin)")
+    server = Server(url)
+    source = sources[0] if sources[0] != "-" else "<stdin>"
+    text = strip(output.read_file(sources[0], errors=errors))
+    per_file = output.output_file(per_token, inputs=sources) if per_token is not None else None
+    if per_file is not None:
+        ctx.call_on_close(per_file.discard)
+    body = {"text": text, "n_ctx": n_ctx, "stride": stride, "all_tokens": all_tokens,
+            "per_token": per_token is not None, "top_logprobs": top_logprobs}
+    r = json.loads(server.post("/perplexity", body).read())
+    rows = r.pop("tokens", [])
+    r["source"] = source
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        nan = float("nan")
+        # NaN where JSON has null, as the result line expects; stride stays None when absent
+        fields = {**{k: nan if v is None else v for k, v in r.items()}, "stride": r.get("stride")}
+        click.echo(result_line(source, SimpleNamespace(**fields)))
+    if per_file is not None:
+        for row in rows:
+            per_file.write(json.dumps({"source": source, **row}, ensure_ascii=False) + "\n")
+        per_file.commit()

@@ -65,8 +65,9 @@ def _result_line(source, r) -> str:
 @errors_option
 @quantize_option
 @tp_option
+@server_option
 def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line, as_json, per_token,
-               top_logprobs, kl_base, kl_divergence, kl_top_k, errors, quantize, tp):
+               top_logprobs, kl_base, kl_divergence, kl_top_k, errors, quantize, tp, server):
     """Score text: perplexity ± standard error, mean NLL, bits per byte (alias: ppl).
 
     Each FILE (or stdin, or -) is read whole, with one trailing newline removed, and scored with
@@ -124,6 +125,14 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
         if sources == ["-"] and output.stdin_is_terminal():
             raise click.UsageError("give FILE arguments or pipe text on stdin")
         texts = None
+    if server:      # client mode: one text scored by the server (llmsh/cli/client.py)
+        from .client import remote_perplexity
+
+        default_ctx = ctx.get_parameter_source("n_ctx").name == "DEFAULT"
+        return remote_perplexity(server, sources, n_ctx=None if default_ctx else n_ctx, stride=stride,
+                                 all_tokens=all_tokens, as_json=as_json, per_token=per_token,
+                                 top_logprobs=top_logprobs, errors=errors, result_line=_result_line,
+                                 strip=_strip_one_newline)
     group, mode = ranks.setup(tp, device, data_parallel=True)
     if texts is None:
         texts = ranks.shared(group, lambda: [(s if s != "-" else "<stdin>",

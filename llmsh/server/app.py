@@ -386,6 +386,8 @@ class API:
 
     async def perplexity(self, request: Request):
         req = await read_body(request, schemas.PerplexityRequest, self.max_body)
+        if req.n_ctx is None:
+            req.n_ctx = min(512, self.lm.n_ctx_max)    # as llmsh ppl's default
         if req.stride is not None and req.all_tokens:
             raise APIError(400, "stride and all_tokens are different protocols: use one", param="stride")
         if req.stride is not None and req.stride > req.n_ctx:

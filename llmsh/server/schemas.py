@@ -105,7 +105,7 @@ class DetokenizeRequest(_Body):
 class PerplexityRequest(_Body):
     model: str | None = None
     text: str
-    n_ctx: Annotated[int, Field(ge=4)] = 512
+    n_ctx: Annotated[int, Field(ge=4)] | None = None     # default: 512, or the model's context if shorter
     stride: Annotated[int, Field(ge=1)] | None = None
     all_tokens: bool = False
     per_token: bool = False
