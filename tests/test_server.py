@@ -440,7 +440,8 @@ def test_busy_port_is_one_line_error(chat_model):  # noqa: F811
     s.bind(("127.0.0.1", 0))
     s.listen(1)
     try:
-        r = CliRunner().invoke(cli, ["serve", "-m", str(chat_model), "--port", str(s.getsockname()[1])])
+        # before the model would load: -m names nothing
+        r = CliRunner().invoke(cli, ["serve", "-m", "/nonexistent", "--port", str(s.getsockname()[1])])
     finally:
         s.close()
     assert r.exit_code == 1 and "cannot listen on 127.0.0.1" in r.output

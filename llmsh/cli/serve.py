@@ -45,16 +45,21 @@ def serve(model, device, dtype, host, port, api_key, max_queue, n_ctx, access_lo
       curl -s localhost:8088/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "Hi"}]}'
     """
-    from ..server import create_app, is_loopback, serve as run_server
+    from ..server import bind, create_app, is_loopback, serve as run_server
 
     api_key = api_key or None
     if not is_loopback(host) and api_key is None:
         raise click.UsageError(f"--host {host} is reachable from other machines: give --api-key KEY "
                                "(or LLMSH_API_KEY)")
-    lm = load(model, device, dtype, quantize)
-    if n_ctx is not None and n_ctx > lm.n_ctx_max:
-        raise InputError(f"--n-ctx {n_ctx} is larger than the model's context ({lm.n_ctx_max} tokens)")
+    sock = bind(host, port)       # a busy port fails now, not after the model has loaded
+    try:
+        lm = load(model, device, dtype, quantize)
+        if n_ctx is not None and n_ctx > lm.n_ctx_max:
+            raise InputError(f"--n-ctx {n_ctx} is larger than the model's context ({lm.n_ctx_max} tokens)")
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(lm, model_id=model if model and "/" not in model and not model.endswith(".gguf") else None,
                      n_ctx=n_ctx, api_key=api_key, max_queue=max_queue)
-    run_server(app, host, port, notice=output.notice, log_level="info" if access_log else "warning",
+    run_server(app, host, port, sock=sock, notice=output.notice, log_level="info" if access_log else "warning",
                access_log=access_log)

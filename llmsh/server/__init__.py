@@ -10,6 +10,6 @@ last sequence's KV cache for the next request (:mod:`.worker`), and uvicorn serv
 from __future__ import annotations
 
 from .app import create_app
-from .run import is_loopback, serve
+from .run import bind, is_loopback, serve
 
-__all__ = ["create_app", "serve", "is_loopback"]
+__all__ = ["create_app", "serve", "bind", "is_loopback"]

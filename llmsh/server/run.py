@@ -44,18 +44,20 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app, host: str = "127.0.0.1", port: int = 8088, *, notice=None, log_level: str = "warning",
-          access_log: bool = False) -> None:
+def serve(app, host: str = "127.0.0.1", port: int = 8088, *, sock: socket.socket | None = None, notice=None,
+          log_level: str = "warning", access_log: bool = False) -> None:
     """Run ``app`` until SIGINT or SIGTERM, then stop: no new connections; the running and the
     queued requests are cancelled (a 503 "shutting down" error; a stream: an error event and
     ``[DONE]``; generation stops at the next token); connections get :data:`GRACEFUL_SHUTDOWN_S`
     seconds to close; the model thread stops. Returns normally (no re-raised signal, no traceback). ``notice`` is called with the one-line "serving" message.
 
-    Raises InputError when the address cannot be bound.
+    sock: a socket from :func:`bind` (bound before the model loads, so that a busy port fails
+    at once); default: bind ``host:port`` now. Raises InputError when the address cannot be bound.
     """
     import uvicorn
 
-    sock = bind(host, port)
+    if sock is None:
+        sock = bind(host, port)
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
