@@ -211,7 +211,12 @@ class API:
             s = self._token(e.id)
             tokens.append(s)
             lps.append(e.logprob)
-            tops.append(None if e.top is None else {self._token(i): lp for i, lp in reversed(e.top)})
+            top = None
+            if e.top is not None:      # most likely first; two ids with one text keep the likelier
+                top = {}
+                for i, lp in e.top:
+                    top.setdefault(self._token(i), lp)
+            tops.append(top)
             offsets.append(offset)
             offset += len(s)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
