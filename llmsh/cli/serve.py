@@ -44,6 +44,7 @@ def serve(model, device, dtype, host, port, api_key, max_queue, n_ctx, access_lo
       LLMSH_API_KEY=secret llmsh serve --host 0.0.0.0
       curl -s localhost:8088/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+      llmsh generate --server http://127.0.0.1:8088 "Hi"    (client mode: no model load)
     """
     from ..server import bind, create_app, is_loopback, serve as run_server
 
