@@ -681,3 +681,53 @@ def test_an_eos_that_ends_a_completion_has_its_logprob(lm):
     assert [e.id for e in r.logprobs] == [tok]
     assert r.logprobs[0].logprob == pytest.approx(first.logprobs[0].logprob, abs=1e-5)
     assert [e.logprob for e in r.prompt_logprobs] == [e.logprob for e in first.prompt_logprobs]
+
+
+@pytest.mark.slow
+def test_chat_shell_through_a_server(chat_model, lm, tmp_path):  # noqa: F811
+    """The REPL on a RemoteChatSession: slash commands work, a reply equals the local shell's
+    (greedy), /undo and /regen keep the conversation as locally; piped chat without torch."""
+    import io
+
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from llmsh.cli.client import Server, _chat_session_class
+    from llmsh.cli.repl import run_chat
+    from llmsh.sampling import SamplingParams
+
+    def drive(keys, **kw):
+        out, err = io.StringIO(), io.StringIO()
+        with create_pipe_input() as inp:
+            inp.send_text(keys)
+            rc = run_chat(kw.pop("model", None), input=inp, output=DummyOutput(), stdout=out, stderr=err,
+                          history=False, **kw)
+        return rc, out.getvalue(), err.getvalue()
+
+    proc, url = _start_server(["-m", str(chat_model)])
+    try:
+        here, there = tmp_path / "here.json", tmp_path / "there.json"
+        keys = "/system Be brief.\nHello, how are you today?\n/regen\nsecond\n/undo\n/show\n/save {}\n/exit\n"
+        rc, out, err = drive(keys.format(here), model=lm, params=SamplingParams(temperature=0), max_tokens=6)
+        assert rc == 0
+        session = _chat_session_class()(Server(url), params={"temperature": 0}, max_tokens=6)
+        rc2, out2, err2 = drive(keys.format(there), session=session, stats=True)
+        assert rc2 == 0, err2
+        a, b = json.loads(here.read_text()), json.loads(there.read_text())
+        assert a["messages"] == b["messages"] and a["system"] == b["system"] == "Be brief."
+        assert len(b["messages"]) == 2 and out2.split("\n")[:2] == out.split("\n")[:2], (out, out2)
+        assert "dropped the last exchange: 'second'" in err2 and f"served at {url}" in err2
+        assert "tokens/s" in err2 and "error" not in err2
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        code = ("import sys, io; from llmsh.cli.main import cli; sys.stdin = io.StringIO('Hello, how are you today?'); "
+                f"rc = cli.main(['chat', '--server', {url!r}, '-t', '0', '-n', '6'], standalone_mode=False); "
+                "print('torch' in sys.modules, rc, file=sys.stderr)")
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        assert r.stderr.strip().splitlines()[-1] == "False 0", r.stderr
+        from llmsh.session import ChatSession
+
+        want = "".join(ChatSession(lm, params=SamplingParams(temperature=0), max_tokens=6)
+                       .send("Hello, how are you today?"))
+        assert r.stdout == want + "\n"
+    finally:
+        _stop(proc)

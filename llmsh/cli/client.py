@@ -218,3 +218,134 @@ def remote_perplexity(url: str, sources: list[str], *, n_ctx: int | None, stride
         for row in rows:
             per_file.write(json.dumps({"source": source, **row}, ensure_ascii=False) + "\n")
         per_file.commit()
+
+
+# Sampling fields ``/set`` may change in client mode, with the ranges the server checks again.
+_RANGES = {"temperature": (0, None), "top_k": (0, None), "top_p": (0, 1), "min_p": (0, 1),
+           "repetition_penalty": (0, None), "seed": (0, 2**63 - 1)}
+
+
+def _chat_session_class():
+    from ..session import ChatSession, Message
+
+    class RemoteChatSession(ChatSession):
+        """A :class:`llmsh.session.ChatSession` whose replies come from the server's chat endpoint:
+        the conversation (editing, /undo, /regen, /save, /load) is kept here, the server renders
+        the template and keeps the KV cache (its prefix reuse serves the resent conversation).
+        A conversation that outgrows the context is the server's 400, not a dropped exchange."""
+
+        def __init__(self, server: Server, *, system=None, params: dict, max_tokens=None):
+            health = json.loads(_get(server, "/health"))
+            self.server = server
+            from pathlib import PurePosixPath
+
+            # What /show and the banner read of a model: here, what the server says of its own.
+            self.model = SimpleNamespace(path=PurePosixPath(health["model"]), device="server", dtype="-",
+                                         config=SimpleNamespace(model_type=f"served at {server.url}"),
+                                         tokenizer=SimpleNamespace(chat_template="(the server's)"))
+            self.system = system or None
+            self.params = SimpleNamespace(**{k: params.get(k) for k in _RANGES})
+            self.max_tokens = max_tokens
+            self.n_ctx = int(health["n_ctx"])
+            self.notices = []
+            self._notice = self.notices.append
+            self.messages = []
+            self.cache = None
+            self.cache_ids = []
+            self.last_stats = None
+            self.template = "(the server's chat template)"
+            self._generator = None
+            self._saved = (None, [])
+            self._context_used = 0
+
+        def set_params(self, **changes) -> None:
+            if "max_tokens" in changes:
+                super().set_params(max_tokens=changes.pop("max_tokens"))
+            for k, v in changes.items():
+                lo, hi = _RANGES[k]
+                if v is not None and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+                    raise InputError(f"{k} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v!r}")
+                setattr(self.params, k, v)
+
+        def clear(self) -> None:
+            self.messages.clear()
+
+        def _fit(self):
+            return None      # the server renders and measures the conversation
+
+        @property
+        def context_used(self) -> int:
+            return self._context_used
+
+        def _stream(self, ids, on_nothing):
+            body = {"messages": [{"role": m.role, "content": m.content} for m in self._all()],
+                    "stream": True, "llmsh": {"fit_context": True, "details": True},
+                    **{k: v for k, v in vars(self.params).items() if v is not None}}
+            if self.max_tokens is not None:
+                body["max_tokens"] = self.max_tokens
+            pieces: list[str] = []
+            done = False
+            resp = None
+            try:
+                resp = self.server.post("/v1/chat/completions", body)
+                for chunk in self.server.events(resp):
+                    if "llmsh" in chunk:
+                        d = chunk["llmsh"]
+                        self.last_stats = _stats(d["stats"])
+                        self._context_used = d["context_used"]
+                    for c in chunk.get("choices") or []:
+                        piece = c["delta"].get("content")
+                        if piece:
+                            pieces.append(piece)
+                            yield piece
+                done = True
+            finally:
+                if resp is not None:
+                    resp.close()      # a reply cut short: the server stops at its next token
+                if pieces:
+                    self.messages.append(Message("assistant", "".join(pieces), interrupted=not done))
+                else:
+                    on_nothing()
+                if not done and self.last_stats is not None:
+                    self.last_stats.finish_reason = "interrupted"
+
+    return RemoteChatSession
+
+
+def _get(server: Server, path: str) -> bytes:
+    import http.client
+
+    cls = http.client.HTTPSConnection if server.scheme == "https" else http.client.HTTPConnection
+    conn = cls(server.host, server.port, timeout=30)
+    headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
+    try:
+        conn.request("GET", server.base + path, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+    except (OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise InputError(f"cannot reach the llmsh server at {server.url}: {reason}") from None
+    if resp.status != 200:
+        try:
+            msg = json.loads(data)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            msg = f"HTTP {resp.status} {resp.reason}"
+        raise InputError(f"the server at {server.url}: {msg}")
+    return data
+
+
+def remote_chat(url: str, *, system, max_tokens, sampling: dict, stats: bool, history: bool, piped) -> int:
+    """``llmsh chat --server URL``: the chat shell (or the one piped message) over the server."""
+    import io
+
+    from .repl import run_chat
+
+    ctx = click.get_current_context()
+    for p in ("model", "n_ctx", "quantize", "compile_"):
+        src = ctx.get_parameter_source(p)
+        if src is not None and src.name == "COMMANDLINE":
+            name = {"compile_": "compile", "n_ctx": "n-ctx"}.get(p, p)
+            raise click.UsageError(f"--{name} is the server's (given to llmsh serve): drop it with --server")
+    session = _chat_session_class()(Server(url), system=system, params=sampling, max_tokens=max_tokens)
+    return run_chat(None, session=session, stats=stats, history=history,
+                    stdin=io.StringIO(piped) if piped is not None else None)

@@ -28,7 +28,7 @@ from .common import (CONTEXT_SETTINGS, arg_text, compile_option, encode_chat, er
                          setup_decoding, stop_option, timings)
 from ..errors import InputError, LlmshError
 from .routing import route
-from .client import remote_generate, server_option
+from .client import remote_chat, remote_generate, server_option
 
 # Commands that live in their own modules, imported only when used (or listed by --help).
 # issue 5: a module llmsh/cli_bench.py defining the click command `bench` is picked up here.
@@ -305,8 +305,9 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
 @errors_option
 @quantize_option
 @compile_option
+@server_option
 def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, top_p, min_p,
-         repetition_penalty, seed, stats, no_history, errors, quantize, compile_):
+         repetition_penalty, seed, stats, no_history, errors, quantize, compile_, server):
     """Chat with a model in the terminal (type /help for commands, Ctrl-D to quit).
 
     The conversation's KV cache is kept across turns, so each turn only processes the new
@@ -347,6 +348,11 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
         piped = output.read_stdin()
         if not piped.strip():
             raise InputError("empty input on stdin: nothing to send")
+    if server:      # client mode: no torch, no model here (llmsh/cli/client.py)
+        return remote_chat(server, system=system, max_tokens=max_tokens, stats=stats, history=not no_history,
+                           piped=piped, sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                      min_p=min_p, repetition_penalty=repetition_penalty,
+                                                      seed=seed))
     lm = load(model, device, dtype, quantize)
     params = sampling_params(lm.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)

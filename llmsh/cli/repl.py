@@ -132,7 +132,7 @@ def read_message(prompt, notice=None) -> str:
 def run_chat(model, *, system: str | None = None, params=None, max_tokens: int | None = None,
              n_ctx: int | None = None, stats: bool = False, history: bool | str | Path = True,
              input=None, output=None, stdin=None, stdout=None, stderr=None,
-             interactive: bool | None = None) -> int:
+             interactive: bool | None = None, session: ChatSession | None = None) -> int:
     """Run ``llmsh chat`` on ``model`` (a LoadedModel); return the exit status (0).
 
     Args:
@@ -144,6 +144,7 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
         stdin, stdout, stderr: text streams (default sys.*): stdin is read whole when not
             interactive; replies go to stdout, notices and statistics to stderr.
         interactive: default: True when ``input`` is given or stdin is a terminal.
+        session: a session to use instead of one built on ``model`` (client mode: the server's).
 
     Raises:
         InputError: not interactive and stdin is empty, or the message does not fit the context.
@@ -153,12 +154,13 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
 
     stdin = stdin if stdin is not None else sys.stdin
     p = Printer(stdout if stdout is not None else sys.stdout, stderr if stderr is not None else sys.stderr)
-    if params is None:
-        from ..sampling import SamplingParams
+    if session is None:
+        if params is None:
+            from ..sampling import SamplingParams
 
-        params = SamplingParams.from_generation_config(model.generation_config)
-    session = ChatSession(model, system=system, params=params, max_tokens=max_tokens, n_ctx=n_ctx,
-                          notice=p.notice)
+            params = SamplingParams.from_generation_config(model.generation_config)
+        session = ChatSession(model, system=system, params=params, max_tokens=max_tokens, n_ctx=n_ctx,
+                              notice=p.notice)
     if interactive is None:
         interactive = input is not None or is_terminal(stdin)
     if not interactive:
