@@ -193,7 +193,7 @@ def test_echo_logprobs_equal_llmsh_ppl_per_token(client, chat_model, tmp_path): 
     assert choice["text"] == TEXT
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     assert len(lp["token_logprobs"]) == len(want) + 1
-    assert lp["token_logprobs"][1:] == pytest.approx([w["logprob"] for w in want], abs=1e-5)
+    assert lp["token_logprobs"][1:] == pytest.approx([w["logprob"] for w in want], abs=1e-9)  # the same passes
     assert [w["text"] for w in want] == lp["tokens"][1:]
     for top, w in zip(lp["top_logprobs"][1:], want):
         (tok, val), = top.items()
@@ -458,7 +458,7 @@ def _free_port() -> int:
 
 @pytest.mark.default_model
 @pytest.mark.slow
-def test_uvicorn_process_with_the_openai_client():
+def test_uvicorn_process_with_the_openai_client(tmp_path):
     openai = pytest.importorskip("openai")
     from cli_fixtures import DEFAULT_MODEL_HOME
 
@@ -481,6 +481,20 @@ def test_uvicorn_process_with_the_openai_client():
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.stdout.rstrip("\n")
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="m", max_tokens=10**6, messages=[{"role": "user", "content": "x"}])
+        # Prompt log-probabilities through the openai client = llmsh ppl --per-token on the same text.
+        text = "The capital of France is Paris. It is known for the Eiffel Tower and fine food."
+        src = tmp_path / "fr.txt"
+        src.write_text(text, encoding="utf-8")
+        rows = tmp_path / "rows.jsonl"
+        ppl = subprocess.run([sys.executable, "-m", "llmsh", "ppl", "--n-ctx", "512", "--stride", "512",
+                              "--per-token", str(rows), str(src)], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert ppl.returncode == 0, ppl.stderr
+        want = [json.loads(line)["logprob"] for line in rows.read_text().splitlines()]
+        c = client.completions.create(model="m", prompt=text, echo=True, logprobs=1, max_tokens=0)
+        got = c.choices[0].logprobs.token_logprobs
+        assert got[0] is None and got[1:] == pytest.approx(want, abs=1e-5)
+        assert c.choices[0].text == text
         # SIGTERM while a long reply streams: it ends with an error event and [DONE], the process with 0.
         import httpx
 

@@ -88,23 +88,34 @@ class GenerationResult:
 
 
 def _score_prompt(state: ModelState, ids: list[int], k: int, job) -> list[TokenLogprob]:
-    """Prefill ``ids`` from an empty cache, keeping every position's logits: each token's
-    logprob given the tokens before it (the first has none), as ``llmsh ppl --per-token``."""
-    decoder, cache = state.lm.decoder, state.cache
-    cache.reset()
-    state.cache_ids = []
-    device = state.lm.device
+    """Each token's logprob given the tokens before it (the first has none), computed as
+    ``llmsh ppl --stride`` does for a window over the whole prompt: forward passes from scratch
+    without the KV cache, so the numbers are that command's (not those of a chunked prefill,
+    which differ in the last digits). Logits are taken :data:`SCORE_CHUNK` positions at a time,
+    each pass over the prefix up to the chunk's end: memory stays bounded, a prompt longer than
+    one chunk costs more passes. The KV cache is not touched."""
+    decoder = state.lm.decoder
+    tokens = torch.as_tensor(ids, dtype=torch.long, device=state.lm.device)[None]
+    n = len(ids)
     out = [TokenLogprob(int(ids[0]), None, None)]
     with torch.no_grad():
-        for start in range(0, len(ids), SCORE_CHUNK):
+        for a in range(0, n - 1, SCORE_CHUNK):
             job.check()
-            chunk = ids[start:start + SCORE_CHUNK]
-            logits = decoder(torch.as_tensor(chunk, dtype=torch.long, device=device)[None], cache)[0]
-            state.cache_ids = ids[: cache.offset]
-            targets = ids[start + 1:start + len(chunk) + 1]
-            logp = torch.log_softmax(logits[: len(targets)].float(), -1)
-            for row, t in zip(logp, targets):
-                out.append(_entry(row, t, k))
+            e = min(a + SCORE_CHUNK, n)
+            logits = decoder(tokens[:, :e], None, logits_from=a)[0]        # positions a … e-1
+            targets = ids[a + 1:e + 1]
+            x = logits[: len(targets)].float()
+            tgt = torch.as_tensor(targets, dtype=torch.long, device=x.device)
+            # The NLL exactly as llmsh.perplexity computes it (float32 logsumexp minus the target's
+            # logit), so that the two agree to the bit; top alternatives from log_softmax.
+            nll = (torch.logsumexp(x, -1) - x.gather(-1, tgt[:, None]).squeeze(-1)).tolist()
+            tops = torch.topk(torch.log_softmax(x, -1), min(k, x.shape[-1])) if k else None
+            for i, t in enumerate(targets):
+                top = None
+                if tops is not None:
+                    top = [(int(j), _finite(float(v))) for j, v in zip(tops.indices[i].tolist(),
+                                                                      tops.values[i].tolist())]
+                out.append(TokenLogprob(int(t), _finite(-nll[i]), top))
     return out
 
 
@@ -116,7 +127,7 @@ def generate(state: ModelState, job, ids: list[int], params, *, max_tokens: int,
     params: :class:`llmsh.sampling.SamplingParams` (a seed seeds this request's generator);
     logprobs: top alternatives per generated token (0: the token's own logprob only; None: no
     logprobs); echo_logprobs: also score the prompt's own tokens with this many alternatives
-    (the prompt is then prefilled from scratch, without reuse). With ``stream``, each text piece
+    (see :func:`_score_prompt`). With ``stream``, each text piece
     is emitted as ``("piece", (text, [TokenLogprob, ...]))`` as it is generated. The caller has
     checked that ``len(ids) + max_tokens <= state.n_ctx``. ``eos_logprob``: with logprobs, an
     end-of-sequence token that ended the reply gets an entry too (legacy completions do: a client
@@ -127,16 +138,14 @@ def generate(state: ModelState, job, ids: list[int], params, *, max_tokens: int,
     res = GenerationResult(prompt_tokens=len(ids))
     if echo_logprobs is not None:
         res.prompt_logprobs = _score_prompt(state, ids, echo_logprobs, job)
-        reuse = len(ids)
-    else:
-        reuse = min(common_prefix(state.cache_ids, ids), len(ids) - 1)
-        cache.trim(min(reuse, cache.offset))
-        state.cache_ids = ids[:reuse]
-        res.cached_tokens = reuse
     if max_tokens == 0:
         res.finish_reason = "length"
         res.context_used = cache.offset
         return res
+    reuse = min(common_prefix(state.cache_ids, ids), len(ids) - 1)
+    cache.trim(min(reuse, cache.offset))
+    state.cache_ids = ids[:reuse]
+    res.cached_tokens = reuse
     pending: list[TokenLogprob] = []
     if logprobs is not None:
         res.logprobs = []
