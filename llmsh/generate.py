@@ -138,6 +138,8 @@ def generate_tokens(decoder, prompt_ids: Sequence[int], cache, params: SamplingP
         n_hist = len(known)
 
     logits = prefill(decoder, prompt_ids, cache, chunk_size)
+    # Counts of the generated ids for OpenAI's frequency/presence penalties (the prompt's do not count).
+    counts = torch.zeros_like(logits) if params.counts_tokens else None
     if generator is None and not params.greedy:
         generator = make_generator(params.seed, logits.device)
     token_buf = torch.empty((1, 1), dtype=torch.long, device=logits.device)
@@ -146,7 +148,7 @@ def generate_tokens(decoder, prompt_ids: Sequence[int], cache, params: SamplingP
     for i in range(max(max_new_tokens, 0)):
         t_step = time.perf_counter()
         with torch.no_grad():
-            tok = sample_next(logits, params, generator, history[:n_hist] if penalise else None)
+            tok = sample_next(logits, params, generator, history[:n_hist] if penalise else None, counts)
         _add_time(stats, i, t_step)
         if i == 0:
             stats.ttft_seconds = time.perf_counter() - t0
@@ -165,6 +167,8 @@ def generate_tokens(decoder, prompt_ids: Sequence[int], cache, params: SamplingP
         if penalise:
             history[n_hist] = tok
             n_hist += 1
+        if counts is not None:
+            counts[tok] += 1
         token_buf[0, 0] = tok
         with torch.no_grad():
             logits = decoder(token_buf, cache, last_only=True)[0, -1]

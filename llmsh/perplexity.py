@@ -71,6 +71,18 @@ class PerplexityResult:
         else:
             self.bits_per_byte = math.nan
 
+    def summary(self, source: str | None) -> dict:
+        """The result object of ``llmsh perplexity --json`` and the server's ``/perplexity``:
+        source, perplexity, stderr, nll, bits_per_byte (None where NaN), n_tokens, n_ctx,
+        protocol and, for the sliding protocol, stride."""
+        def finite(x):
+            return None if x is None or not math.isfinite(x) else x
+
+        return {"source": source, "perplexity": finite(self.perplexity), "stderr": finite(self.stderr),
+                "nll": finite(self.nll), "bits_per_byte": finite(self.bits_per_byte),
+                "n_tokens": self.n_tokens, "n_ctx": self.n_ctx, "protocol": self.protocol,
+                **({"stride": self.stride} if self.stride else {})}
+
     def to_dict(self) -> dict:
         """The totals and derived values, without the per-token lists."""
         d = asdict(self)

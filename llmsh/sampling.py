@@ -3,7 +3,8 @@
 The filters run in the order in which transformers (5.x) ``GenerationMixin._get_logits_processor``
 builds its logits processors for ``generate(do_sample=True)``:
 
-1. repetition penalty (``RepetitionPenaltyLogitsProcessor``; also applied when greedy),
+1. repetition penalty (``RepetitionPenaltyLogitsProcessor``; also applied when greedy), then
+   OpenAI's frequency and presence penalties (:func:`apply_frequency_penalty`; also when greedy),
 2. temperature (``TemperatureLogitsWarper``),
 3. top-k (``TopKLogitsWarper``; ``top_k=0`` disables it),
 4. top-p (``TopPLogitsWarper``; only when ``top_p < 1``),
@@ -33,7 +34,8 @@ class SamplingParams:
     Ranges (checked on construction and by ``dataclasses.replace``; ``ValueError`` names the
     parameter and its allowed range): temperature >= 0 (0 = greedy), top_k >= 0 (0 = off),
     0 <= top_p <= 1 (1 = off, 0 = only the most likely token), 0 <= min_p <= 1 (0 = off),
-    repetition_penalty > 0 (1 = off), seed None (fresh randomness) or 0 <= seed < 2**63.
+    repetition_penalty > 0 (1 = off), -2 <= frequency_penalty, presence_penalty <= 2 (0 = off;
+    OpenAI's, see :func:`apply_frequency_penalty`), seed None (fresh randomness) or 0 <= seed < 2**63.
     """
 
     temperature: float = 1.0
@@ -42,6 +44,8 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(name: str, rng: str) -> ValueError:
@@ -63,6 +67,9 @@ class SamplingParams:
             raise bad("min_p", "in [0, 1]")
         if not (0.0 < real("repetition_penalty") < math.inf):
             raise bad("repetition_penalty", "a finite number > 0 (1 disables it)")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not (-2.0 <= real(name) <= 2.0):
+                raise bad(name, "in [-2, 2] (0 disables it)")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
         ):
@@ -71,6 +78,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def counts_tokens(self) -> bool:
+        """True when sampling needs the counts of the tokens generated so far (OpenAI's penalties)."""
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     @classmethod
     def from_generation_config(cls, gen: dict | None, *, honour_do_sample: bool = True, **overrides) -> "SamplingParams":
@@ -84,7 +96,7 @@ class SamplingParams:
         gen = gen or {}
         kw = {}
         for f in fields(cls):
-            if f.name != "seed" and gen.get(f.name) is not None:
+            if f.name not in ("seed", "frequency_penalty", "presence_penalty") and gen.get(f.name) is not None:
                 kw[f.name] = gen[f.name]
         if honour_do_sample and gen.get("do_sample") is not True:
             kw["temperature"] = 0.0
@@ -116,6 +128,18 @@ def apply_repetition_penalty(logits: Tensor, prev_ids: Tensor | None, penalty: f
     picked = logits.gather(0, prev_ids)
     picked = torch.where(picked < 0, picked * penalty, picked / penalty)
     return logits.scatter(0, prev_ids, picked)
+
+
+def apply_frequency_penalty(logits: Tensor, counts: Tensor | None, frequency: float,
+                            presence: float) -> Tensor:
+    """OpenAI's penalties (API reference, "Parameter details"): ``logits[j] -= c[j] * frequency +
+    (c[j] > 0) * presence``, where ``counts`` (V,) holds c[j], how many times token j has been
+    generated so far in this reply (the prompt does not count). Unlike the repetition penalty
+    it subtracts, and the frequency term grows with each repeat."""
+    if counts is None or (frequency == 0.0 and presence == 0.0):
+        return logits
+    counts = counts.to(device=logits.device, dtype=logits.dtype)
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
@@ -159,13 +183,15 @@ def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
     return logits.masked_fill(remove, NEG_INF)
 
 
-def process_logits(logits: Tensor, params: SamplingParams, prev_ids: Tensor | None = None) -> Tensor:
+def process_logits(logits: Tensor, params: SamplingParams, prev_ids: Tensor | None = None,
+                   counts: Tensor | None = None) -> Tensor:
     """All filters of ``params`` on full (V,) logits, in transformers' order (module docstring).
 
     For ``temperature=0`` only the repetition penalty applies (greedy takes the argmax of this).
     Reference path; :func:`sample_next` computes the same distribution over fewer candidates.
     """
     x = apply_repetition_penalty(logits.float(), prev_ids, params.repetition_penalty)
+    x = apply_frequency_penalty(x, counts, params.frequency_penalty, params.presence_penalty)
     if params.greedy:
         return x
     x = apply_temperature(x, params.temperature)
@@ -174,7 +200,8 @@ def process_logits(logits: Tensor, params: SamplingParams, prev_ids: Tensor | No
     return min_p_filter(x, params.min_p)
 
 
-def candidates(logits: Tensor, params: SamplingParams, prev_ids: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+def candidates(logits: Tensor, params: SamplingParams, prev_ids: Tensor | None = None,
+               counts: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
     """(ids, filtered logits) of the tokens that can be sampled, for ``temperature > 0``.
 
     With top-k on, the later filters run on the top-k survivors only (the others are ``-inf``
@@ -183,6 +210,7 @@ def candidates(logits: Tensor, params: SamplingParams, prev_ids: Tensor | None =
     Scattering the result back into a ``-inf`` (V,) tensor gives :func:`process_logits`.
     """
     x = apply_repetition_penalty(logits.float(), prev_ids, params.repetition_penalty)
+    x = apply_frequency_penalty(x, counts, params.frequency_penalty, params.presence_penalty)
     x = apply_temperature(x, params.temperature)
     ids = None
     if 0 < params.top_k < x.numel():
@@ -195,18 +223,20 @@ def candidates(logits: Tensor, params: SamplingParams, prev_ids: Tensor | None =
 
 
 def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
-                prev_ids: Tensor | None = None) -> int:
+                prev_ids: Tensor | None = None, counts: Tensor | None = None) -> int:
     """Choose the next token id from one position's logits.
 
     logits: (V,) any float dtype; prev_ids: 1-D int64 ids of the whole context so far (prompt and
-    generated; used only by the repetition penalty); generator: a torch.Generator on the logits'
+    generated; used only by the repetition penalty); counts: (V,) times each id was generated
+    in this reply (only the frequency/presence penalties read it); generator: a torch.Generator on the logits'
     device (same seed and device give the same choices). Greedy when ``params.temperature == 0``.
     Matches transformers' generate: filters in the module docstring's order, then ``multinomial``.
     """
     if params.greedy:
         x = apply_repetition_penalty(logits.float(), prev_ids, params.repetition_penalty)
+        x = apply_frequency_penalty(x, counts, params.frequency_penalty, params.presence_penalty)
         return int(torch.argmax(x))
-    ids, x = candidates(logits, params, prev_ids)
+    ids, x = candidates(logits, params, prev_ids, counts)
     probs = torch.softmax(x, -1)
     choice = torch.multinomial(probs, 1, generator=generator)
     if ids is not None:

@@ -8,6 +8,17 @@ the tokenizer's full ``decode``. Reference behaviour: vLLM's ``detokenize_increm
 from __future__ import annotations
 
 
+def token_pieces(tokenizer, ids) -> list[str]:
+    """Each token's text such that the pieces join into ``tokenizer.decode(ids)``: a token holding
+    only part of a UTF-8 character gets "" and the character goes with the token completing it
+    (``llmsh tokenize --pieces`` and the server's ``/tokenize``)."""
+    dec = tokenizer.stream_decoder()
+    texts = [dec.step(i) for i in ids]
+    if texts:
+        texts[-1] += dec.flush()
+    return texts
+
+
 class StreamDecoder:
     """Incremental detokenizer: ``"".join(step(i) for i in ids) + flush() == decode(ids)``.
 

@@ -222,3 +222,21 @@ def test_from_generation_config():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams.from_generation_config({"top_p": 7})
     assert math.isclose(SamplingParams.from_generation_config({"top_k": 40.0}).top_k, 40)
+
+
+def test_frequency_and_presence_penalties_as_openai_defines_them():
+    """OpenAI: logits[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty."""
+    from llmsh.sampling import apply_frequency_penalty
+
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    c = torch.tensor([0.0, 1.0, 3.0, 0.0])
+    got = apply_frequency_penalty(x, c, 0.5, 0.25)
+    assert got.tolist() == [1.0, 2.0 - 0.5 - 0.25, 3.0 - 1.5 - 0.25, 4.0]
+    assert apply_frequency_penalty(x, None, 0.5, 0.25) is x
+    # greedy reads them too: token 3 generated twice before loses its lead
+    p = SamplingParams(temperature=0, frequency_penalty=1.0)
+    assert sample_next(x, p, None, counts=torch.tensor([0.0, 0.0, 0.0, 2.0])) == 2
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        SamplingParams(frequency_penalty=2.5)
+    with pytest.raises(ValueError, match="presence_penalty"):
+        SamplingParams(presence_penalty=-3)

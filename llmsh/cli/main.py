@@ -29,10 +29,12 @@ from .common import (CONTEXT_SETTINGS, arg_text, compile_option, encode_chat, er
                          setup_decoding, stop_option, timings)
 from ..errors import InputError, LlmshError
 from .routing import route
+from .client import remote_chat, remote_generate, server_option
 
 # Commands that live in their own modules, imported only when used (or listed by --help).
 # issue 5: a module llmsh/cli_bench.py defining the click command `bench` is picked up here.
-_LAZY_COMMANDS = {"bench": ("llmsh.cli.bench", "bench"), "score": ("llmsh.cli.choices", "score")}
+_LAZY_COMMANDS = {"bench": ("llmsh.cli.bench", "bench"), "score": ("llmsh.cli.choices", "score"),
+                  "serve": ("llmsh.cli.serve", "serve")}
 _ALIASES = {"ppl": "perplexity"}
 EXIT_INTERRUPT = 130
 
@@ -211,9 +213,10 @@ def _write_json(obj) -> None:
 @compile_option
 @tp_option
 @no_log_option
+@server_option
 def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx, temperature, top_k,
              top_p, min_p, repetition_penalty, seed, stop, stats, as_json, errors, quantize, compile_, tp,
-             no_log):
+             no_log, server):
     """Generate one reply to PROMPT and stream it to stdout.
 
     The prompt is the arguments joined by spaces. When stdin is not a terminal, its content comes
@@ -231,6 +234,10 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
       llmsh generate --json --stop "." "Say hi" | jq .text
     """
     output.input_errors = errors
+    if server:      # client mode: no torch, no model here (llmsh/cli/client.py)
+        return remote_generate(server, prompt, chat_mode, system, max_tokens, n_ctx, stop, stats, as_json,
+                               errors, dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                            repetition_penalty=repetition_penalty, seed=seed))
     group, _ = ranks.setup(tp, device)
     text = ranks.shared(group, lambda: read_prompt(prompt, errors))  # bad input fails before torch loads
     if group is not None and seed is None:      # every rank samples the same tokens
@@ -316,8 +323,10 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
 @errors_option
 @quantize_option
 @compile_option
+@server_option
 def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, top_p, min_p,
-         repetition_penalty, seed, stats, no_history, continue_, cid, no_log, errors, quantize, compile_):
+         repetition_penalty, seed, stats, no_history, continue_, cid, no_log, errors, quantize, compile_,
+         server):
     """Chat with a model in the terminal (type /help for commands, Ctrl-D to quit).
 
     The conversation's KV cache is kept across turns, so each turn only processes the new
@@ -361,6 +370,13 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
         piped = output.read_stdin()
         if not piped.strip():
             raise InputError("empty input on stdin: nothing to send")
+    if server:      # client mode: no torch, no model here (llmsh/cli/client.py)
+        if continue_ or cid:
+            raise click.UsageError("-c/--cid continue a logged conversation locally; they do not combine with --server")
+        return remote_chat(server, system=system, max_tokens=max_tokens, stats=stats, history=not no_history,
+                           piped=piped, sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                      min_p=min_p, repetition_penalty=repetition_penalty,
+                                                      seed=seed))
     resume = logs.find_conversation(cid) if continue_ or cid else None
     if resume is not None and model is None and resume.model_path and os.path.isdir(resume.model_path):
         model = resume.model_path  # the conversation's own model, unless -m says otherwise

@@ -132,7 +132,8 @@ def read_message(prompt, notice=None) -> str:
 def run_chat(model, *, system: str | None = None, params=None, max_tokens: int | None = None,
              n_ctx: int | None = None, stats: bool = False, history: bool | str | Path = True,
              input=None, output=None, stdin=None, stdout=None, stderr=None,
-             interactive: bool | None = None, log=None, resume=None) -> int:
+             interactive: bool | None = None, log=None, resume=None,
+             session: ChatSession | None = None) -> int:
     """Run ``llmsh chat`` on ``model`` (a LoadedModel); return the exit status (0).
 
     Args:
@@ -146,6 +147,7 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
         interactive: default: True when ``input`` is given or stdin is a terminal.
         log, resume: a :class:`llmsh.cli.logs.ChatLogger` to record each reply; a logged
             :class:`llmsh.logstore.Conversation` to continue (see :func:`llmsh.cli.logs.attach`).
+        session: a session to use instead of one built on ``model`` (client mode: the server's).
 
     Raises:
         InputError: not interactive and stdin is empty, or the message does not fit the context.
@@ -155,12 +157,13 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
 
     stdin = stdin if stdin is not None else sys.stdin
     p = Printer(stdout if stdout is not None else sys.stdout, stderr if stderr is not None else sys.stderr)
-    if params is None:
-        from ..sampling import SamplingParams
+    if session is None:
+        if params is None:
+            from ..sampling import SamplingParams
 
-        params = SamplingParams.from_generation_config(model.generation_config)
-    session = ChatSession(model, system=system, params=params, max_tokens=max_tokens, n_ctx=n_ctx,
-                          notice=p.notice)
+            params = SamplingParams.from_generation_config(model.generation_config)
+        session = ChatSession(model, system=system, params=params, max_tokens=max_tokens, n_ctx=n_ctx,
+                              notice=p.notice)
     if log is not None or resume is not None:
         from .logs import attach
 

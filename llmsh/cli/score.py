@@ -15,19 +15,14 @@ from . import ppl_kl
 from .show import show_options
 from ..errors import InputError
 from ..files import PendingFile
+from .client import remote_tokenizer, server_option
 
 # The default protocol scores positions n_ctx/2 .. n_ctx-2 of each window: at least one at 4.
 MIN_N_CTX = 4
 
 
-def _finite(x: float):
-    return None if x is None or not math.isfinite(x) else x
-
-
 def _result_dict(source, r) -> dict:
-    return {"source": source, "perplexity": _finite(r.perplexity), "stderr": _finite(r.stderr),
-            "nll": _finite(r.nll), "bits_per_byte": _finite(r.bits_per_byte), "n_tokens": r.n_tokens,
-            "n_ctx": r.n_ctx, "protocol": r.protocol, **({"stride": r.stride} if r.stride else {})}
+    return r.summary(source)
 
 
 def _result_line(source, r) -> str:
@@ -72,8 +67,9 @@ def _result_line(source, r) -> str:
 @errors_option
 @quantize_option
 @tp_option
+@server_option
 def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line, as_json, per_token,
-               top_logprobs, kl_base, kl_divergence, kl_top_k, errors, quantize, tp):
+               top_logprobs, kl_base, kl_divergence, kl_top_k, errors, quantize, tp, server):
     """Score text: perplexity ± standard error, mean NLL, bits per byte (alias: ppl).
 
     Each FILE (or stdin, or -) is read whole, with one trailing newline removed, and scored with
@@ -131,6 +127,14 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
         if sources == ["-"] and output.stdin_is_terminal():
             raise click.UsageError("give FILE arguments or pipe text on stdin")
         texts = None
+    if server:      # client mode: one text scored by the server (llmsh/cli/client.py)
+        from .client import remote_perplexity
+
+        default_ctx = ctx.get_parameter_source("n_ctx").name == "DEFAULT"
+        return remote_perplexity(server, sources, n_ctx=None if default_ctx else n_ctx, stride=stride,
+                                 all_tokens=all_tokens, as_json=as_json, per_token=per_token,
+                                 top_logprobs=top_logprobs, errors=errors, result_line=_result_line,
+                                 strip=_strip_one_newline)
     group, mode = ranks.setup(tp, device, data_parallel=True)
     if texts is None:
         texts = ranks.shared(group, lambda: [(s if s != "-" else "<stdin>",
@@ -248,8 +252,9 @@ def _parse_ids(text: str, vocab_size: int) -> list[int]:
             i = int(part)
         except ValueError:
             raise InputError(f"not a token id: {part[:40]!r} (give integers separated by spaces or commas)") from None
-        if not 0 <= i < vocab_size:
-            raise InputError(f"token id {i} is out of range (vocabulary size {vocab_size})")
+        if i < 0 or (vocab_size is not None and i >= vocab_size):   # None: the server checks
+            size = f" (vocabulary size {vocab_size})" if vocab_size is not None else ""
+            raise InputError(f"token id {i} is out of range{size}")
         ids.append(i)
     return ids
 
@@ -268,7 +273,8 @@ def _parse_ids(text: str, vocab_size: int) -> list[int]:
                    "tokenized as ordinary text.")
 @click.option("--decode", is_flag=True, help="Turn ids (space- or comma-separated) back into text.")
 @errors_option
-def tokenize(text, model, device, dtype, pieces, count, as_json, no_bos, parse_special, decode, errors):
+@server_option
+def tokenize(text, model, device, dtype, pieces, count, as_json, no_bos, parse_special, decode, errors, server):
     """Tokenize TEXT (or stdin, exactly as given) and print the token ids.
 
     Adds BOS when the model's tokenizer does (--no-bos to disable). Special-token text is NOT
@@ -293,11 +299,18 @@ def tokenize(text, model, device, dtype, pieces, count, as_json, no_bos, parse_s
         if output.stdin_is_terminal():
             raise click.UsageError("give TEXT or pipe text on stdin")
         text = output.read_stdin(errors=errors)
-    lm = _load_tokenizer_only(model, device, dtype)
-    tok = lm.tokenizer
+    if server:      # client mode: the server's tokenizer (llmsh/cli/client.py)
+        remote = remote_tokenizer(server)
+        tok = None
+    else:
+        tok = _load_tokenizer_only(model, device, dtype).tokenizer
     if decode:
-        ids = _parse_ids(text, tok.vocab_size)
-        decoded = tok.decode(ids)
+        if tok is None:
+            ids = _parse_ids(text, None)
+            decoded = remote.decode(ids)
+        else:
+            ids = _parse_ids(text, tok.vocab_size)
+            decoded = tok.decode(ids)
         if as_json:
             click.echo(json.dumps({"text": decoded, "ids": ids, "count": len(ids)}, ensure_ascii=False))
             return
@@ -306,11 +319,15 @@ def tokenize(text, model, device, dtype, pieces, count, as_json, no_bos, parse_s
         if output.is_terminal(out) and not decoded.endswith("\n"):
             out.write("\n")
         return
-    ids = tok.encode(text, add_bos=False if no_bos else None, parse_special=parse_special)
+    if tok is None:
+        ids, texts = remote.encode(text, add_bos=False if no_bos else None, parse_special=parse_special)
+    else:
+        ids = tok.encode(text, add_bos=False if no_bos else None, parse_special=parse_special)
     if count:
         click.echo(str(len(ids)))
         return
-    texts = _pieces(tok, ids)
+    if tok is not None:
+        texts = _pieces(tok, ids)
     if as_json:
         click.echo(json.dumps({"ids": ids, "pieces": texts, "count": len(ids)}, ensure_ascii=False))
         return
@@ -326,13 +343,9 @@ def tokenize(text, model, device, dtype, pieces, count, as_json, no_bos, parse_s
 
 
 def _pieces(tok, ids: list[int]) -> list[str]:
-    """Each token's text such that the pieces join into the decoded text: a token holding only part
-    of a UTF-8 character gets "" and the character goes with the token that completes it."""
-    dec = tok.stream_decoder()
-    texts = [dec.step(i) for i in ids]
-    if texts:
-        texts[-1] += dec.flush()
-    return texts
+    from ..stream_decoder import token_pieces
+
+    return token_pieces(tok, ids)
 
 
 def _load_tokenizer_only(model, device, dtype):
