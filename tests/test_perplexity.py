@@ -186,3 +186,59 @@ def test_progress_and_combine():
     assert {"perplexity", "stderr", "nll", "bits_per_byte", "n_tokens", "n_ctx", "protocol"} <= set(d)
     assert "token_nll" not in d
     assert math.isnan(PerplexityResult(0.0, 0, 0.0, "line", 8).perplexity)
+
+
+class _CtrlCAt:
+    """Wraps a decoder: the ``at``-th forward pass raises KeyboardInterrupt (a Ctrl-C mid-run)."""
+
+    def __init__(self, dec, at):
+        self.dec, self.at, self.calls = dec, at, 0
+        self.config = dec.config
+
+    def parameters(self):
+        return self.dec.parameters()
+
+    def __call__(self, *a, **kw):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.dec(*a, **kw)
+
+
+@pytest.mark.parametrize("protocol", ["llamacpp", "sliding"])
+def test_ctrl_c_keeps_the_batches_scored_so_far(model, protocol):
+    from llmsh.perplexity import ScoringInterrupted
+
+    hf, dec = model
+    n_ctx = 16
+    ids = random_tokens(hf.config.vocab_size, 6 * n_ctx, seed=4)[0].tolist()
+    run = {"llamacpp": lambda d, x: perplexity_llamacpp(d, x, n_ctx, bos_id=1, batch_size=2, per_token=True),
+           "sliding": lambda d, x: perplexity_sliding(d, x, n_ctx, n_ctx // 2, batch_size=2, per_token=True)}[protocol]
+    full = run(dec, ids)
+    with pytest.raises(ScoringInterrupted) as e:
+        run(_CtrlCAt(dec, 3), ids)          # two batches done, the third interrupted
+    part, planned = e.value.partial, e.value.planned
+    assert isinstance(e.value, KeyboardInterrupt) and planned == full.n_tokens
+    assert 0 < part.n_tokens < full.n_tokens
+    k = part.n_tokens                        # the same tokens, the same numbers as the full run's start
+    assert part.token_positions == full.token_positions[:k] and part.token_ids == full.token_ids[:k]
+    assert part.token_nll == pytest.approx(full.token_nll[:k], abs=1e-9)
+    ppl, err, mean = stats_of(torch.tensor(full.token_nll[:k]))
+    assert part.perplexity == pytest.approx(ppl, rel=1e-9) and part.stderr == pytest.approx(err, rel=1e-6)
+    with pytest.raises(ScoringInterrupted) as e:
+        run(_CtrlCAt(dec, 1), ids)
+    assert e.value.partial.n_tokens == 0
+
+
+def test_ctrl_c_in_lines_keeps_the_finished_lines(model):
+    from llmsh.perplexity import ScoringInterrupted
+
+    hf, dec = model
+    texts = [random_tokens(hf.config.vocab_size, n, seed=n)[0].tolist() for n in (5, 9, 7, 12)]
+    full = perplexity_lines(dec, texts, 32, batch_size=2)
+    with pytest.raises(ScoringInterrupted) as e:
+        perplexity_lines(_CtrlCAt(dec, 2), texts, 32, batch_size=2)
+    part = e.value.partial
+    assert e.value.planned == sum(len(t) - 1 for t in texts)
+    assert [r is None for r in part] == [False, True, False, True]     # the two shortest were batch 1
+    assert part[0].perplexity == pytest.approx(full[0].perplexity, rel=1e-9)

@@ -203,7 +203,8 @@ def _write_json(obj) -> None:
               help="Print one JSON object: text, tokens, finish_reason, prompt_tokens, "
                    "completion_tokens, timings. tokens (and completion_tokens, its length) are all "
                    "the ids generated, including those that completed a --stop string cut from text; "
-                   "an end-of-sequence token is not included.")
+                   "an end-of-sequence token is not included. On Ctrl-C the object of what was "
+                   "generated so far, finish_reason \"interrupted\" (exit status 130).")
 @errors_option
 @quantize_option
 @compile_option
@@ -265,20 +266,32 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
     st = GenerationStats()
     pieces = generate_text(lm.decoder, tok, ids, cache, params, max_new_tokens=max_tokens,
                            stop_strings=list(stop), eos_ids=lm.eos_ids, stats=st)
+    interrupted = False
     if as_json:
-        reply = "".join(pieces)
-        _write_json({"text": reply, "tokens": st.token_ids, "finish_reason": st.finish_reason,
-                     "prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens,
+        reply = []
+        try:
+            for piece in pieces:
+                reply.append(piece)
+        except KeyboardInterrupt:           # Ctrl-C: the object of what was generated so far
+            interrupted = True
+        tokens = list(st.token_ids)
+        _write_json({"text": "".join(reply), "tokens": tokens,
+                     "finish_reason": "interrupted" if interrupted else st.finish_reason,
+                     "prompt_tokens": st.prompt_tokens, "completion_tokens": len(tokens),
                      "n_ctx": n_ctx, "timings": timings(st)})
     else:
         out = output.StreamWriter()
         try:
             for piece in pieces:
                 out.write(piece)
+        except KeyboardInterrupt:
+            interrupted = True
         finally:
             out.finish()
     if stats:
         output.notice(output.stats_line(st, context_used=cache.offset, n_ctx=n_ctx))
+    if interrupted:
+        raise click.exceptions.Exit(EXIT_INTERRUPT)
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS, short_help="Chat interactively (or answer piped text once).")
