@@ -15,6 +15,7 @@ import errno
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -205,12 +206,20 @@ def _write_json(obj) -> None:
                    "the ids generated, including those that completed a --stop string cut from text; "
                    "an end-of-sequence token is not included. On Ctrl-C the object of what was "
                    "generated so far, finish_reason \"interrupted\" (exit status 130).")
+@click.option("--top-logprobs", "top_logprobs", type=click.IntRange(0), default=None, metavar="K",
+              help="With --json: add \"logprobs\", one entry per id of tokens: {token, id, logprob, "
+                   "top_logprobs: the K most likely tokens at that position as [{token, id, "
+                   "logprob}]} (nats; token: the id's text alone). As OpenAI's, they are the "
+                   "model's own distribution (log-softmax of its logits), not the one sampled "
+                   "from after --temperature, --repetition-penalty and the top-k/top-p/min-p "
+                   "filters. 0: each token's own logprob only.")
 @errors_option
 @quantize_option
 @compile_option
 @tp_option
 def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx, temperature, top_k,
-             top_p, min_p, repetition_penalty, seed, stop, stats, as_json, errors, quantize, compile_, tp):
+             top_p, min_p, repetition_penalty, seed, stop, stats, as_json, top_logprobs, errors, quantize,
+             compile_, tp):
     """Generate one reply to PROMPT and stream it to stdout.
 
     The prompt is the arguments joined by spaces. When stdin is not a terminal, its content comes
@@ -226,8 +235,11 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
       cat notes.txt | llmsh generate "Summarize the notes above."
       llmsh generate --raw -n 40 --temperature 0.8 --seed 1 "The quick brown fox"
       llmsh generate --json --stop "." "Say hi" | jq .text
+      llmsh generate --json --top-logprobs 3 -n 5 "The capital of France is" | jq .logprobs
     """
     output.input_errors = errors
+    if top_logprobs is not None and not as_json:
+        raise click.UsageError("--top-logprobs adds to the --json object: give --json")
     group, _ = ranks.setup(tp, device)
     text = ranks.shared(group, lambda: read_prompt(prompt, errors))  # bad input fails before torch loads
     if group is not None and seed is None:      # every rank samples the same tokens
@@ -264,8 +276,13 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
     cache = lm.decoder.new_cache(min(n_ctx, len(ids) + max_tokens))   # the decoder's own shape (a TP rank: its heads)
     setup_decoding(lm, min(max_tokens, cache.max_seq_len - len(ids)), compile_)
     st = GenerationStats()
+    logprobs = None
+    if top_logprobs is not None:
+        from ..scoring import GeneratedLogprobs
+
+        logprobs = GeneratedLogprobs(top_logprobs)
     pieces = generate_text(lm.decoder, tok, ids, cache, params, max_new_tokens=max_tokens,
-                           stop_strings=list(stop), eos_ids=lm.eos_ids, stats=st)
+                           stop_strings=list(stop), eos_ids=lm.eos_ids, stats=st, on_logits=logprobs)
     interrupted = False
     if as_json:
         reply = []
@@ -275,10 +292,15 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
         except KeyboardInterrupt:           # Ctrl-C: the object of what was generated so far
             interrupted = True
         tokens = list(st.token_ids)
+        extra = {}
+        if logprobs is not None:    # a Ctrl-C may fall between a token and its row
+            rows = logprobs.rows[: len(tokens)]
+            tokens = tokens[: len(rows)]
+            extra["logprobs"] = [_logprob_entry(tok, r) for r in rows]
         _write_json({"text": "".join(reply), "tokens": tokens,
                      "finish_reason": "interrupted" if interrupted else st.finish_reason,
                      "prompt_tokens": st.prompt_tokens, "completion_tokens": len(tokens),
-                     "n_ctx": n_ctx, "timings": timings(st)})
+                     "n_ctx": n_ctx, "timings": timings(st), **extra})
     else:
         out = output.StreamWriter()
         try:
@@ -292,6 +314,14 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
         output.notice(output.stats_line(st, context_used=cache.offset, n_ctx=n_ctx))
     if interrupted:
         raise click.exceptions.Exit(EXIT_INTERRUPT)
+
+
+def _logprob_entry(tok, row) -> dict:
+    """One ``logprobs`` entry of ``generate --json`` from a :class:`llmsh.scoring.GeneratedLogprobs` row."""
+    tid, lp, top = row
+    finite = lambda x: x if math.isfinite(x) else None     # noqa: E731  (JSON has no -inf)
+    return {"token": tok.decode([tid]), "id": tid, "logprob": finite(lp),
+            "top_logprobs": [{"token": tok.decode([i]), "id": i, "logprob": finite(x)} for i, x in top]}
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS, short_help="Chat interactively (or answer piped text once).")
