@@ -180,7 +180,7 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
                     except ScoringInterrupted as e:
                         rs, stopped = e.partial, e
                     results += [(f"{source}:{i + 1}", r) for i, r in enumerate(rs) if r is not None]
-                    if stopped:
+                    if stopped is not None:
                         break
                     continue
                 ids = tok.encode(text) if base is None else base[0]["tokens"].tolist()
@@ -202,7 +202,7 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
                 # The observer may have seen one batch more than was counted when Ctrl-C came.
                 r.top_logprobs = top.rows[: r.n_tokens] if top is not None else None
                 results.append((source, r))
-                if stopped:
+                if stopped is not None:
                     break
                 if isinstance(kl_obs, KLCompare):
                     kl = kl_obs.result()
@@ -217,7 +217,7 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
         if isinstance(e, ScoringInterrupted):
             raise
         stopped = ScoringInterrupted(None, 0)
-    if stopped:
+    if stopped is not None:
         _report_interrupted(results, stopped, as_json=as_json, each_line=each_line, tok=tok,
                             per_token_file=per_token_file, kl=bool(kl_base or kl_divergence))
         raise click.exceptions.Exit(130)     # as any Ctrl-C (cli.main.EXIT_INTERRUPT)
