@@ -71,14 +71,15 @@ def run_bench(model, prompt_tokens: int = 512, new_tokens: int = 128, repetition
     decode_gb_s (median), bytes_per_token, compile_s (seconds spent compiling, 0 if eager),
     compile_cache ("warm"/"cold" inductor cache when compiled, else None), compile_cache_dir,
     device, dtype, quantization, threads, torch, model, prompt_tokens, new_tokens, repetitions.
-    Raises ValueError for a non-positive count.
+    Raises ValueError for a non-positive count, or new_tokens 1 (no decode step to time).
     """
     from .compiled import setup_decoder
     from .generate import GenerationStats, generate_tokens
     from .sampling import SamplingParams
 
-    if prompt_tokens < 1 or new_tokens < 1 or repetitions < 1:
-        raise ValueError("prompt_tokens, new_tokens and repetitions must be positive")
+    if prompt_tokens < 1 or new_tokens < 2 or repetitions < 1:
+        raise ValueError("prompt_tokens and repetitions must be positive, new_tokens at least 2 "
+                         "(one decode step)")
     dec = model.decoder
     info = setup_decoder(dec, max_new_tokens=new_tokens, compile=compile, notice=notice)
     g = torch.Generator().manual_seed(seed)

@@ -154,6 +154,70 @@ def setup_decoder(decoder, *, max_new_tokens: int = 0, compile: bool | None = No
             "cache": "warm" if warm else "cold", "cache_dir": cache_dir}
 
 
+class DeferredStep:
+    """The ``decoder.decode_step`` of automatic compilation: decode eagerly, and compile only once
+    the tokens actually generated say a compile will pay.
+
+    A reply's length is not known in advance (``-n 100000`` may stop after 10 tokens), so the
+    decision is the ski-rental rule: once this decoder has run ``after`` eager one-token steps
+    (``after``: the tokens whose saved time pays for a compile, :data:`AUTO_COMPILE_MIN_TOKENS`
+    cold, :data:`AUTO_COMPILE_WARM_MIN_TOKENS` with a warm inductor cache), and the cache being
+    decoded still has room for ``after`` more, the step compiles (as ``setup_decoder(compile=True)``)
+    and every later step runs compiled. That way no run pays more than twice the best choice made
+    knowing its length. ``compile_seconds`` (total time spent compiling) lets the caller keep the
+    compile out of its decode timings (:func:`llmsh.generate.generate_tokens` does); ``info`` is
+    :func:`setup_decoder`'s dict once compiled (or failed). A failed compile stays eager, with
+    one notice.
+    """
+
+    def __init__(self, decoder, *, after: int, mode: str | None = None, notice=None) -> None:
+        self.decoder, self.after, self.mode, self.notice = decoder, after, mode, notice
+        self.steps = 0
+        self.compile_seconds = 0.0
+        self.step = None           # the compiled step, once there is one
+        self.info: dict | None = None
+
+    def __call__(self, tokens, cache):
+        if self.step is not None:
+            return self.step(tokens, cache)
+        if self.info is not None or tokens.shape[0] != 1:       # failed, or not a reply's shape
+            return None
+        self.steps += 1
+        if self.steps > self.after and cache.max_seq_len - cache.offset >= self.after:
+            self._compile()
+            if self.step is not None:
+                return self.step(tokens, cache)
+        return None
+
+    def _compile(self) -> None:
+        info = setup_decoder(self.decoder, compile=True, mode=self.mode, notice=self.notice)
+        self.compile_seconds += info["compile_s"]
+        self.info = info
+        if info["compiled"]:
+            self.step = self.decoder.__dict__["decode_step"]
+            if self.notice:
+                self.notice(f"compiled the decode step in {info['compile_s']:.1f} s after "
+                            f"{self.steps - 1} eager tokens ({info.get('cache', 'cold')} inductor cache)")
+        self.decoder.__dict__["decode_step"] = self        # the caller reads compile_seconds here
+
+
+def defer_compile(decoder, *, max_new_tokens: int | None = None, mode: str | None = None,
+                  notice=None) -> DeferredStep | None:
+    """Automatic compilation for replies of unknown length: install a :class:`DeferredStep` on
+    ``decoder`` and return it, or None (and leave the decoder eager) when it could never compile:
+    ``max_new_tokens`` (the most a reply may generate; None: no limit but the cache) below twice
+    its threshold, or :func:`compile_unavailable`."""
+    decoder.__dict__.pop("decode_step", None)
+    if compile_unavailable(decoder):
+        return None
+    after = AUTO_COMPILE_WARM_MIN_TOKENS if cache_is_warm(decoder, mode) else AUTO_COMPILE_MIN_TOKENS
+    if max_new_tokens is not None and max_new_tokens < 2 * after:
+        return None
+    step = DeferredStep(decoder, after=after, mode=mode, notice=notice)
+    decoder.__dict__["decode_step"] = step
+    return step
+
+
 def inductor_cache_dir() -> str:
     """Where inductor keeps its on-disk caches: ``$TORCHINDUCTOR_CACHE_DIR`` if set, else
     ``llmsh_home()/inductor``, which is then set in the environment (inductor reads it there at

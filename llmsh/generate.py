@@ -33,7 +33,9 @@ class GenerationStats:
     first token; prefill_seconds / decode_seconds: time spent in our own code (the consumer's time
     between tokens is not counted); decode_steps: one-token forward passes; finish_reason: "stop"
     (EOS or stop string) or "length" (max_new_tokens or a full cache); stop_token_id: the EOS id
-    that stopped it, if any; token_ids: the generated ids.
+    that stopped it, if any; token_ids: the generated ids; compile_seconds: time an automatic
+    compile of the decode step took during this call (:class:`llmsh.compiled.DeferredStep`), not
+    counted in decode_seconds.
     """
 
     prompt_tokens: int = 0
@@ -46,6 +48,7 @@ class GenerationStats:
     decode_steps: int = 0
     stop_token_id: int | None = None
     token_ids: list[int] = field(default_factory=list)
+    compile_seconds: float = 0.0
 
     @property
     def prefill_tokens(self) -> int:
@@ -170,11 +173,19 @@ def generate_tokens(decoder, prompt_ids: Sequence[int], cache, params: SamplingP
         if counts is not None:
             counts[tok] += 1
         token_buf[0, 0] = tok
+        c0 = _compile_clock(decoder)
         with torch.no_grad():
             logits = decoder(token_buf, cache, last_only=True)[0, -1]
+        dc = _compile_clock(decoder) - c0           # a compile that ran within this step
         stats.decode_steps += 1
-        stats.decode_seconds += time.perf_counter() - t_step
+        stats.compile_seconds += dc
+        stats.decode_seconds += time.perf_counter() - t_step - dc
     stats.finish_reason = "length"
+
+
+def _compile_clock(decoder) -> float:
+    # Seconds an automatic compile (llmsh.compiled.DeferredStep) has taken on this decoder so far.
+    return getattr(getattr(decoder, "__dict__", {}).get("decode_step"), "compile_seconds", 0.0)
 
 
 def _add_time(stats: GenerationStats, i: int, t_step: float) -> None:

@@ -8,6 +8,7 @@ Sums are accumulated in float64, as llama.cpp does.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -105,6 +106,34 @@ def combine(results: Sequence[PerplexityResult], protocol: str | None = None) ->
 Observer = Callable[[Tensor, Tensor], None]
 
 
+class ScoringInterrupted(KeyboardInterrupt):
+    """Ctrl-C (KeyboardInterrupt) while scoring, carrying what was scored before it.
+
+    partial: a :class:`PerplexityResult` of the tokens scored before the interruption (per-token
+    lists included when asked; ``observe`` may have seen one batch more), or for :func:`perplexity_lines` a list with one result per text
+    scored and None for the others; planned: the tokens the whole run would have scored. A
+    KeyboardInterrupt still, so a caller that does not look at it exits as on any Ctrl-C.
+    Not raised for a sharded run (the other ranks' parts cannot be gathered then): that re-raises
+    the plain KeyboardInterrupt.
+    """
+
+    def __init__(self, partial, planned: int):
+        super().__init__()
+        self.partial, self.planned = partial, planned
+
+
+@contextlib.contextmanager
+def _partial_on_interrupt(partial: Callable[[], object], planned: int, shard=None):
+    try:
+        yield
+    except ScoringInterrupted:
+        raise
+    except KeyboardInterrupt:
+        if shard is not None:
+            raise
+        raise ScoringInterrupted(partial(), planned) from None
+
+
 class _Turns:
     """Which batches this rank computes when scoring is sharded over ranks (data parallel):
     batch k belongs to rank k mod world. Without a shard every batch is this process's."""
@@ -133,9 +162,9 @@ class _Acc:
         if shard is not None and observe is not None:
             raise ValueError("observe needs every batch: it does not work with a shard")
         self.observe = observe
-        self.s = 0.0
-        self.s2 = 0.0
-        self.n = 0
+        # (sum, sum of squares, count), replaced in one assignment so that a Ctrl-C between two
+        # statements never leaves a count that disagrees with its sums.
+        self.sums = (0.0, 0.0, 0)
         self.per = ([], [], []) if per_token else None
         self.turns = _Turns(shard)
         self.parts: list = []
@@ -155,12 +184,11 @@ class _Acc:
         if self.turns.shard is not None:
             self.parts.append((self.turns.step, s, s2, n, per))
             return
-        self.s += s
-        self.s2 += s2
-        self.n += n
-        if per is not None:
+        if per is not None:    # before the count: result() cuts the lists to it
             for mine, new in zip(self.per, per):
                 mine.extend(new)
+        t = self.sums
+        self.sums = (t[0] + s, t[1] + s2, t[2] + n)
 
     def result(self, **kw) -> PerplexityResult:
         shard = self.turns.shard
@@ -169,8 +197,9 @@ class _Acc:
             self.turns.shard, self.parts = None, []
             for _, s, s2, n, per in parts:
                 self._add(s, s2, n, per)
-        ids, nll, pos = self.per if self.per is not None else (None, None, None)
-        return PerplexityResult(nll_sum=self.s, n_tokens=self.n, nll_sq_sum=self.s2,
+        s, s2, n = self.sums
+        ids, nll, pos = (lst[:n] for lst in self.per) if self.per is not None else (None, None, None)
+        return PerplexityResult(nll_sum=s, n_tokens=n, nll_sq_sum=s2,
                                 token_ids=ids, token_nll=nll, token_positions=pos, **kw)
 
 
@@ -207,7 +236,8 @@ def perplexity_llamacpp(decoder, ids: Sequence[int] | Tensor, n_ctx: int, *, bos
     logits). ``progress(done, total)`` is called after each batch of windows. ``shard`` (a
     :class:`llmsh.distributed.Dist`): this rank computes every world-th batch and the result,
     the same on every rank, is one process's (see :class:`_Acc`); ``observe``: see :class:`_Acc`
-    (it sees the positions in the order of ``token_positions``).
+    (it sees the positions in the order of ``token_positions``). A Ctrl-C (KeyboardInterrupt)
+    while scoring becomes :class:`ScoringInterrupted` with the result so far.
     Raises InputError when there are fewer than 2·n_ctx tokens (llama.cpp's requirement).
     """
     if n_ctx < 2:
@@ -222,27 +252,29 @@ def perplexity_llamacpp(decoder, ids: Sequence[int] | Tensor, n_ctx: int, *, bos
     device = _device_of(decoder)
     windows = ids[: n_chunks * n_ctx].view(n_chunks, n_ctx)
     acc = _Acc(per_token, shard, observe)
-    for b0 in range(0, n_chunks, batch_size):
-        if not acc.turns():
+    kw = dict(protocol="llamacpp-all" if all_tokens else "llamacpp", n_ctx=n_ctx, n_bytes=n_bytes,
+              n_predictable=n - 1)
+    with _partial_on_interrupt(lambda: acc.result(**kw), n_chunks * (n_ctx - 1 - first), shard):
+        for b0 in range(0, n_chunks, batch_size):
+            if not acc.turns():
+                if progress is not None:
+                    progress(min(b0 + batch_size, n_chunks), n_chunks)
+                continue
+            chunk = windows[b0: b0 + batch_size]
+            targets = chunk[:, first + 1:]
+            batch = chunk.clone()
+            if bos_id is not None:
+                batch[:, 0] = bos_id
+            logits = decoder(batch.to(device), None, logits_from=first)    # positions first … n_ctx−1
+            positions = None
+            if per_token:
+                starts = torch.arange(b0, b0 + chunk.shape[0]).unsqueeze(1) * n_ctx
+                positions = starts + torch.arange(first + 1, n_ctx)
+            acc.add(logits[:, : n_ctx - 1 - first], targets.to(logits.device), positions)
+            del logits
             if progress is not None:
                 progress(min(b0 + batch_size, n_chunks), n_chunks)
-            continue
-        chunk = windows[b0: b0 + batch_size]
-        targets = chunk[:, first + 1:]
-        batch = chunk.clone()
-        if bos_id is not None:
-            batch[:, 0] = bos_id
-        logits = decoder(batch.to(device), None, logits_from=first)    # positions first … n_ctx−1
-        positions = None
-        if per_token:
-            starts = torch.arange(b0, b0 + chunk.shape[0]).unsqueeze(1) * n_ctx
-            positions = starts + torch.arange(first + 1, n_ctx)
-        acc.add(logits[:, : n_ctx - 1 - first], targets.to(logits.device), positions)
-        del logits
-        if progress is not None:
-            progress(min(b0 + batch_size, n_chunks), n_chunks)
-    return acc.result(protocol="llamacpp-all" if all_tokens else "llamacpp", n_ctx=n_ctx,
-                      n_bytes=n_bytes, n_predictable=n - 1)
+    return acc.result(**kw)
 
 
 @torch.no_grad()
@@ -257,7 +289,7 @@ def perplexity_sliding(decoder, ids: Sequence[int] | Tensor, n_ctx: int, stride:
     after the first is scored exactly once with up to n_ctx − stride tokens of extra context.
     Unlike the docs' loop, which weights each window's mean loss by (scored − 1), the mean here is
     over exactly the scored tokens. Full-length windows are batched ``batch_size`` at a time.
-    ``shard``, ``observe``: as :func:`perplexity_llamacpp`.
+    ``shard``, ``observe``, Ctrl-C: as :func:`perplexity_llamacpp`.
     Raises InputError for fewer than 2 tokens or a stride outside 1 … n_ctx.
     """
     ids = _as_tensor(ids)
@@ -280,29 +312,31 @@ def perplexity_sliding(decoder, ids: Sequence[int] | Tensor, n_ctx: int, stride:
     batch_size = batch_size or _auto_batch(decoder, n_ctx)
     device = _device_of(decoder)
     acc = _Acc(per_token, shard, observe)
+    kw = dict(protocol="sliding", n_ctx=n_ctx, n_bytes=n_bytes, n_predictable=n - 1, stride=stride)
     i = 0
-    while i < len(spans):
-        length = spans[i][1] - spans[i][0]
-        j = i + 1
-        while j < len(spans) and j - i < batch_size and spans[j][1] - spans[j][0] == length:
-            j += 1
-        group = spans[i:j]
-        if not acc.turns():
+    with _partial_on_interrupt(lambda: acc.result(**kw), n - 1, shard):
+        while i < len(spans):
+            length = spans[i][1] - spans[i][0]
+            j = i + 1
+            while j < len(spans) and j - i < batch_size and spans[j][1] - spans[j][0] == length:
+                j += 1
+            group = spans[i:j]
+            if not acc.turns():
+                i = j
+                if progress is not None:
+                    progress(i, len(spans))
+                continue
+            batch = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
+            lo = min(s - b - 1 for b, _, s in group)          # first position any window scores
+            logits = decoder(batch, None, logits_from=lo)
+            for row, (b, e, s) in enumerate(group):
+                pos = torch.arange(s, e) if per_token else None
+                acc.add(logits[row, s - b - 1 - lo: e - b - 1 - lo], ids[s:e].to(logits.device), pos)
+            del logits
             i = j
             if progress is not None:
                 progress(i, len(spans))
-            continue
-        batch = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
-        lo = min(s - b - 1 for b, _, s in group)          # first position any window scores
-        logits = decoder(batch, None, logits_from=lo)
-        for row, (b, e, s) in enumerate(group):
-            pos = torch.arange(s, e) if per_token else None
-            acc.add(logits[row, s - b - 1 - lo: e - b - 1 - lo], ids[s:e].to(logits.device), pos)
-        del logits
-        i = j
-        if progress is not None:
-            progress(i, len(spans))
-    return acc.result(protocol="sliding", n_ctx=n_ctx, n_bytes=n_bytes, n_predictable=n - 1, stride=stride)
+    return acc.result(**kw)
 
 
 @torch.no_grad()
@@ -317,15 +351,32 @@ def perplexity_lines(decoder, texts_ids: Sequence[Sequence[int]], n_ctx: int, *,
     ``n_ctx`` is scored alone with :func:`perplexity_sliding` (stride n_ctx/2). A text of fewer
     than 2 tokens gets a result with n_tokens 0 (perplexity NaN).
     n_bytes: UTF-8 byte length of each text, for bits_per_byte. ``shard``: ranks take turns over
-    the long texts and the batches; every rank returns all results.
+    the long texts and the batches; every rank returns all results. Ctrl-C:
+    :class:`ScoringInterrupted` whose ``partial`` is this list so far (None: a text not scored).
     """
     results: list[PerplexityResult | None] = [None] * len(texts_ids)
     seqs = [_as_tensor(t) for t in texts_ids]
     nb = list(n_bytes) if n_bytes is not None else [0] * len(seqs)
     device = _device_of(decoder)
     short = sorted((i for i, s in enumerate(seqs) if s.numel() <= n_ctx), key=lambda i: seqs[i].numel())
+    planned = sum(max(s.numel() - 1, 0) for s in seqs)
+    try:
+        _score_lines(decoder, seqs, short, results, nb, n_ctx, pad_id, batch_size, per_token,
+                     progress, _Turns(shard), device)
+    except KeyboardInterrupt:
+        if shard is not None:
+            raise
+        raise ScoringInterrupted(list(results), planned) from None
+    if shard is not None:
+        for theirs in shard.gather(results):
+            results = [r if r is not None else t for r, t in zip(results, theirs)]
+    return results
+
+
+def _score_lines(decoder, seqs, short, results, nb, n_ctx, pad_id, batch_size, per_token, progress,
+                 turns, device) -> None:
+    """perplexity_lines' loop: fills ``results`` (one entry per finished text) in place."""
     done = 0
-    turns = _Turns(shard)
     for i, s in enumerate(seqs):
         if s.numel() > n_ctx and turns():
             r = perplexity_sliding(decoder, s, n_ctx, max(1, n_ctx // 2), n_bytes=nb[i], per_token=per_token)
@@ -357,7 +408,3 @@ def perplexity_lines(decoder, texts_ids: Sequence[Sequence[int]], n_ctx: int, *,
         done += len(group)
         if progress is not None:
             progress(done, len(seqs))
-    if shard is not None:
-        for theirs in shard.gather(results):
-            results = [r if r is not None else t for r, t in zip(results, theirs)]
-    return results

@@ -51,6 +51,28 @@ class TopLogprobs:
             self.rows.append(list(zip(row_ids, row_lp)))
 
 
+class GeneratedLogprobs:
+    """An ``on_logits`` callback for :func:`llmsh.generate.generate_tokens`: for each generated
+    token, in order, ``(id, logprob, [(id, logprob), ...])`` in :attr:`rows`: its log-probability
+    and the ``k`` most likely tokens at its position (none for k 0), nats, under the model's own
+    distribution (log-softmax of the float32 logits, before temperature, repetition penalty and
+    the top-k/top-p/min-p filters), as OpenAI's ``logprobs``/``top_logprobs``."""
+
+    def __init__(self, k: int = 0):
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        self.k = k
+        self.rows: list[tuple[int, float, list[tuple[int, float]]]] = []
+
+    def __call__(self, logits: Tensor, token: int) -> None:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top = []
+        if self.k:
+            lp, ids = torch.topk(logp, min(self.k, logp.shape[-1]))
+            top = list(zip(ids.tolist(), lp.tolist()))
+        self.rows.append((int(token), float(logp[token]), top))    # one append: whole rows only
+
+
 @dataclass
 class ChoiceScore:
     """One choice: logprob (sum over its n_tokens scored tokens, nats); n_bytes its UTF-8 length

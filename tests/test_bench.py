@@ -217,3 +217,86 @@ def test_generate_compile_option(bos_model, llmsh_home, monkeypatch, tmp_path):
     res = _cli(["chat", "-m", str(bos_model), "-n", "4", "--no-history", "--quantize", "int8",
                 "--compile"], input="Hi\n")
     assert calls and "compiled the decode step" in res.stderr and res.stdout.strip()
+
+
+# --- bench's refusals, and automatic compile decided by the tokens generated ---------------------
+
+def _fails(args):
+    from click.testing import CliRunner
+
+    from llmsh.cli import cli
+
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    assert res.stderr.startswith("llmsh: error: ") and res.stderr.count("\n") == 1, res.stderr
+    return res.stderr
+
+
+def test_bench_refuses_what_it_cannot_measure(tmp_path):
+    import os
+
+    path, _ = make_tiny_model("llama", tmp_path)            # a context of 128 tokens
+    m = ["bench", "-m", str(path), "--device", "cpu", "-r", "1"]
+    assert "no decode step" in _fails(m + ["-p", "8", "-n", "1"])
+    assert "-p (200 + 4 tokens) is more than the model's context (128" in _fails(m + ["-p", "200", "-n", "4"])
+    assert "-p plus -n (100 + 40 tokens)" in _fails(m + ["-p", "100", "-n", "40"])
+    for n in ("0", "-2", str(4 * (os.cpu_count() or 1) + 1)):
+        assert "--threads" in _fails(m + ["-p", "8", "-n", "4", "--threads", n])
+
+
+@pytest.fixture
+def eager_compiles(tmp_path, monkeypatch):
+    """compile_step with Dynamo's eager backend (no C++ build); the list records each compile."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    real = compiled.compile_step
+    calls = []
+
+    def eager_backend(decoder, **kw):
+        calls.append(kw)
+        return real(decoder, backend="eager", full_length=False)
+
+    monkeypatch.setattr(compiled, "compile_step", eager_backend)
+    return calls
+
+
+def test_automatic_compile_waits_for_the_tokens_generated(tmp_path, monkeypatch, eager_compiles):
+    from llmsh.generate import GenerationStats, generate_tokens
+    from llmsh.sampling import SamplingParams
+
+    monkeypatch.setattr(compiled, "AUTO_COMPILE_MIN_TOKENS", 8)
+    path, _ = make_tiny_model("llama", tmp_path, max_position_embeddings=256)
+    config = ModelConfig.from_file(path)
+    dec = load_decoder(path, config, device="cpu", dtype="float32")
+    greedy = SamplingParams(temperature=0.0)
+    prompt = random_tokens(config.vocab_size, 5)[0].tolist()
+
+    def reply(n, size=128):
+        st = GenerationStats()
+        return list(generate_tokens(dec, prompt, dec.new_cache(size), greedy, max_new_tokens=n, stats=st)), st
+
+    want, _ = reply(40)                                       # eager
+    assert compiled.defer_compile(dec, max_new_tokens=15) is None   # could never pay: stays eager
+    step = compiled.defer_compile(dec, max_new_tokens=None)
+    short, st = reply(5)                    # a reply that stops early: never compiled, whatever -n was
+    assert short == want[:5] and not eager_compiles and st.compile_seconds == 0
+    got, st = reply(8, size=5 + 10)         # 4 + 7 eager steps: past 8, but room for only 4 more
+    assert not eager_compiles
+    got, st = reply(40)                     # compiles once past 8 eager steps, then runs compiled
+    assert len(eager_compiles) == 1 and step.info["compiled"] and step.step is not None
+    assert got == want and st.compile_seconds > 0 and dec.__dict__["decode_step"] is step
+    assert st.decode_seconds > 0
+
+
+def test_generate_does_not_compile_for_a_large_n_alone(tmp_path, llmsh_home, eager_compiles):
+    from cli_fixtures import ENDOFTEXT, vocab_size, write_tokenizer
+
+    path, _ = make_tiny_model("llama", tmp_path, vocab_size=vocab_size(), max_position_embeddings=32768,
+                              bos_token_id=ENDOFTEXT, eos_token_id=ENDOFTEXT, pad_token_id=ENDOFTEXT)
+    write_tokenizer(path, bos=True, template=None)
+    base = ["generate", "-m", str(path), "--raw", "--temperature", "0", "--json", "Hello world"]
+    tenth = json.loads(_cli(base + ["-n", "10", "--no-compile"]).stdout)["tokens"][9]
+    gen = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": tenth}))
+    out = json.loads(_cli(base + ["-n", "100000"]).stdout)   # the reply ends by itself, by token 10
+    assert out["finish_reason"] == "stop" and len(out["tokens"]) < 10
+    assert not eager_compiles and out["timings"]["compile_s"] == 0

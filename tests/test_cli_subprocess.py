@@ -138,3 +138,97 @@ def test_default_model_answers(env):
     assert b"Paris" in r.stdout and r.stdout.endswith(b"\n")
     r = llmsh(["generate", "-n", "40"], input=b"Name three colors.\n", env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+# --- Ctrl-C keeps what was computed (ppl's running result, generate --json's partial object) ----
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    """A tiny model with a long context and enough width that scoring a long text or writing a
+    long reply takes seconds, so that a Ctrl-C lands in the middle."""
+    from cli_fixtures import ENDOFTEXT, IM_END, vocab_size, write_tokenizer
+    from tiny_models import make_tiny_model
+
+    path, _ = make_tiny_model("llama", tmp_path_factory.mktemp("slow"), vocab_size=vocab_size(),
+                              hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                              max_position_embeddings=32768, bos_token_id=ENDOFTEXT,
+                              eos_token_id=IM_END, pad_token_id=ENDOFTEXT)
+    write_tokenizer(path, bos=True, template=None)
+    return path
+
+
+def _interrupt_when(p, stream, ready, timeout=300):
+    """Read ``stream`` (a file descriptor) until ``ready(text so far)``, then send SIGINT."""
+    seen = b""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ready(seen.decode(errors="replace")):
+        if select.select([stream], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(stream, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    assert p.poll() is None, "finished before the interruption: make the input longer"
+    p.send_signal(signal.SIGINT)
+    return seen
+
+
+def _sigint_default():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # a shell's `cmd &` would leave it ignored
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_ctrl_c_in_perplexity_prints_the_running_result(slow_model, env, tmp_path, as_json):
+    import re
+
+    text = tmp_path / "long.txt"
+    text.write_text(LONG_TEXT * 60, encoding="utf-8")        # ~100 windows of 256 tokens
+    rows = tmp_path / "rows.jsonl"
+    # stderr on a terminal, so that the progress bar shows when the first batch is done.
+    leader, follower = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "llmsh", "ppl", "-m", str(slow_model), "-c", "256",
+                          "--per-token", str(rows), str(text)] + (["--json"] if as_json else []),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=follower, env=env,
+                         cwd=ROOT, preexec_fn=_sigint_default)
+    os.close(follower)
+    _interrupt_when(p, leader, lambda s: re.search(r"\b[1-9]\d*/\d+", s))
+    out, _ = p.communicate(timeout=120)
+    os.close(leader)
+    assert p.returncode == 130
+    scored = [json.loads(line) for line in rows.read_text().splitlines()]
+    if as_json:
+        r = json.loads(out)
+        assert r["interrupted"] is True and 0 < r["n_tokens"] < r["n_tokens_planned"]
+        assert r["perplexity"] > 1 and r["stderr"] > 0
+    else:
+        m = re.fullmatch(rb".*: PPL [\d.]+ \xc2\xb1 [\d.]+, .* (\d+) tokens scored .* "
+                         rb"\[interrupted: (\d+) of (\d+) tokens\]\n", out)
+        assert m, out
+        n = int(m.group(1))
+        assert n == int(m.group(2)) and 0 < n < int(m.group(3))
+        r = {"n_tokens": n}
+    # --per-token keeps exactly the rows of the tokens counted.
+    assert len(scored) == r["n_tokens"] and all(row["logprob"] <= 0 for row in scored)
+
+
+def test_ctrl_c_in_generate_json_prints_the_partial_object(slow_model, env):
+    args = [sys.executable, "-m", "llmsh", "generate", "-m", str(slow_model), "--raw", "--json",
+            "--temperature", "0", "--no-compile", "Hello"]
+    t0 = time.time()
+    short = subprocess.run(args + ["-n", "4"], capture_output=True, env=env, cwd=ROOT, timeout=300)
+    assert short.returncode == 0, short.stderr
+    start_up = time.time() - t0             # loading and a 4-token reply: well before 20000 tokens
+    p = subprocess.Popen(args + ["-n", "20000"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env, cwd=ROOT, preexec_fn=_sigint_default)
+    time.sleep(2 * start_up + 2)
+    assert p.poll() is None, "finished before the interruption"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    r = json.loads(out)
+    assert r["finish_reason"] == "interrupted" and b"Traceback" not in err
+    assert 0 < r["completion_tokens"] == len(r["tokens"]) < 20000
+    assert isinstance(r["text"], str) and r["text"]       # what was streamed of those tokens
+    assert r["tokens"][:4] == json.loads(short.stdout)["tokens"]

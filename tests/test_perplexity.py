@@ -9,6 +9,7 @@ from torch import nn
 
 from llmsh.errors import InputError
 from llmsh.perplexity import PerplexityResult, combine, perplexity_lines, perplexity_llamacpp, perplexity_sliding
+from cli_fixtures import bos_model, llmsh_home  # noqa: F401  (fixtures)
 from tiny_models import make_tiny_model, our_decoder, random_tokens
 
 
@@ -186,3 +187,131 @@ def test_progress_and_combine():
     assert {"perplexity", "stderr", "nll", "bits_per_byte", "n_tokens", "n_ctx", "protocol"} <= set(d)
     assert "token_nll" not in d
     assert math.isnan(PerplexityResult(0.0, 0, 0.0, "line", 8).perplexity)
+
+
+class _CtrlCAt:
+    """Wraps a decoder: the ``at``-th forward pass raises KeyboardInterrupt (a Ctrl-C mid-run)."""
+
+    def __init__(self, dec, at):
+        self.dec, self.at, self.calls = dec, at, 0
+        self.config = dec.config
+
+    def parameters(self):
+        return self.dec.parameters()
+
+    def __call__(self, *a, **kw):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.dec(*a, **kw)
+
+
+@pytest.mark.parametrize("protocol", ["llamacpp", "sliding"])
+def test_ctrl_c_keeps_the_batches_scored_so_far(model, protocol):
+    from llmsh.perplexity import ScoringInterrupted
+
+    hf, dec = model
+    n_ctx = 16
+    ids = random_tokens(hf.config.vocab_size, 6 * n_ctx, seed=4)[0].tolist()
+    run = {"llamacpp": lambda d, x: perplexity_llamacpp(d, x, n_ctx, bos_id=1, batch_size=2, per_token=True),
+           "sliding": lambda d, x: perplexity_sliding(d, x, n_ctx, n_ctx // 2, batch_size=2, per_token=True)}[protocol]
+    full = run(dec, ids)
+    with pytest.raises(ScoringInterrupted) as e:
+        run(_CtrlCAt(dec, 3), ids)          # two batches done, the third interrupted
+    part, planned = e.value.partial, e.value.planned
+    assert isinstance(e.value, KeyboardInterrupt) and planned == full.n_tokens
+    assert 0 < part.n_tokens < full.n_tokens
+    k = part.n_tokens                        # the same tokens, the same numbers as the full run's start
+    assert part.token_positions == full.token_positions[:k] and part.token_ids == full.token_ids[:k]
+    assert part.token_nll == pytest.approx(full.token_nll[:k], abs=1e-9)
+    ppl, err, mean = stats_of(torch.tensor(full.token_nll[:k]))
+    assert part.perplexity == pytest.approx(ppl, rel=1e-9) and part.stderr == pytest.approx(err, rel=1e-6)
+    with pytest.raises(ScoringInterrupted) as e:
+        run(_CtrlCAt(dec, 1), ids)
+    assert e.value.partial.n_tokens == 0
+
+
+def test_ctrl_c_in_lines_keeps_the_finished_lines(model):
+    from llmsh.perplexity import ScoringInterrupted
+
+    hf, dec = model
+    texts = [random_tokens(hf.config.vocab_size, n, seed=n)[0].tolist() for n in (5, 9, 7, 12)]
+    full = perplexity_lines(dec, texts, 32, batch_size=2)
+    with pytest.raises(ScoringInterrupted) as e:
+        perplexity_lines(_CtrlCAt(dec, 2), texts, 32, batch_size=2)
+    part = e.value.partial
+    assert e.value.planned == sum(len(t) - 1 for t in texts)
+    assert [r is None for r in part] == [False, True, False, True]     # the two shortest were batch 1
+    assert part[0].perplexity == pytest.approx(full[0].perplexity, rel=1e-9)
+
+
+# --- the command after Ctrl-C (a decoder whose k-th forward pass is the Ctrl-C) -----------------
+
+@pytest.fixture
+def ctrl_c_at(monkeypatch):
+    """ctrl_c_at(k): the next `llmsh ppl` gets a decoder interrupted at its k-th forward pass."""
+    import llmsh.cli.score as score
+
+    real = score.load
+
+    def arm(k):
+        def load(*a, **kw):
+            lm = real(*a, **kw)
+            lm.decoder = _CtrlCAt(lm.decoder, k)
+            return lm
+        monkeypatch.setattr(score, "load", load)
+    return arm
+
+
+def _ppl(args):
+    from click.testing import CliRunner
+
+    from llmsh.cli import cli
+
+    res = CliRunner().invoke(cli, ["ppl", *args])
+    assert res.exit_code == 130, (res.exit_code, res.output)
+    return res
+
+
+def test_ppl_json_after_ctrl_c_reports_the_finished_files_and_the_partial_one(bos_model, llmsh_home, tmp_path,
+                                                                              ctrl_c_at):
+    import json
+
+    from cli_fixtures import LONG_TEXT
+
+    a, b, rows = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "rows.jsonl"
+    a.write_text(LONG_TEXT[:300])                       # a few windows of 16: one forward pass
+    b.write_text(LONG_TEXT)
+    m = ["-m", str(bos_model), "-c", "16", "--json"]
+    from click.testing import CliRunner
+
+    from llmsh.cli import cli
+
+    whole = [json.loads(line) for line in CliRunner().invoke(cli, ["ppl", *m, str(a), str(b)]).stdout.splitlines()]
+    ctrl_c_at(3)                                        # a: pass 1; b: pass 2 done, pass 3 interrupted
+    out = [json.loads(line) for line in _ppl(m + ["--per-token", str(rows), str(a), str(b)]).stdout.splitlines()]
+    assert len(out) == 3 and out[0] == whole[0] and "interrupted" not in out[0]
+    part = out[1]
+    assert part["interrupted"] is True and part["n_tokens_planned"] == whole[1]["n_tokens"]
+    assert part["n_tokens"] == 16 * (16 - 1 - 8)          # one batch of 16 windows, 7 tokens each
+    assert out[2]["total"] and out[2]["interrupted"] and out[2]["n_tokens"] == out[0]["n_tokens"] + part["n_tokens"]
+    assert len(rows.read_text().splitlines()) == out[2]["n_tokens"]
+
+
+def test_ppl_after_ctrl_c_each_line_and_kl_base(bos_model, llmsh_home, tmp_path, ctrl_c_at):
+    import json
+
+    from cli_fixtures import LONG_TEXT
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(LONG_TEXT.split(". ")[:40]))
+    ctrl_c_at(2)                                        # 16 lines per pass: the first 16 are done
+    res = _ppl(["-m", str(bos_model), "--each-line", "--json", str(lines)])
+    out = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(out) == 16 and all("interrupted" not in r for r in out)
+    assert "interrupted: " in res.stderr
+    ref = tmp_path / "ref.kl"
+    ctrl_c_at(2)
+    res = _ppl(["-m", str(bos_model), "-c", "16", "--kl-base", str(ref), str(lines)])
+    assert "[interrupted: 112 of " in res.stdout and "no reference saved" in res.stderr
+    assert not ref.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["lines.txt", "llmsh-home"]

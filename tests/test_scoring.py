@@ -6,6 +6,7 @@ import torch
 from llmsh.kl import KLBase, KLCompare, kl_rows
 from llmsh.perplexity import perplexity_llamacpp
 from llmsh.scoring import TopLogprobs, score_choices
+from cli_fixtures import bos_model, llmsh_home  # noqa: F401  (fixtures)
 from tiny_models import make_tiny_model, our_decoder, random_tokens
 
 
@@ -72,3 +73,41 @@ def test_choices_batched_equal_one_at_a_time_and_transformers(model):
         assert b.logprob == pytest.approx(one.logprob, abs=1e-4) and b.n_tokens == len(t)
     small_batches = score_choices(dec, seqs, context_len=len(ctx), batch_size=2)
     assert [c.logprob for c in small_batches] == pytest.approx([c.logprob for c in batched], abs=1e-4)
+
+
+def test_generate_top_logprobs_are_the_models_own_distribution(bos_model, llmsh_home):
+    """generate --json --top-logprobs: each token's logprob and the top K at its position equal
+    transformers' log-softmax of the raw logits, also when sampling with a temperature, a
+    repetition penalty and top-k (the distribution reported is the model's, as OpenAI's)."""
+    import json
+
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from cli_fixtures import hf_tokenizer
+    from llmsh.cli import cli
+
+    base = ["generate", "-m", str(bos_model), "--raw", "--json", "-n", "8", "--no-compile"]
+    hf = AutoModelForCausalLM.from_pretrained(bos_model, attn_implementation="eager").eval()
+    tok = hf_tokenizer(bos_model)
+    prompt = tok("Hello world").input_ids
+    for sampling in (["--temperature", "0"],
+                     ["--temperature", "1.7", "--top-k", "5", "--repetition-penalty", "1.3", "--seed", "3"]):
+        res = CliRunner().invoke(cli, base + sampling + ["--top-logprobs", "3", "Hello world"])
+        assert res.exit_code == 0, res.output
+        out = json.loads(res.stdout)
+        assert out["prompt_tokens"] == len(prompt) and len(out["logprobs"]) == len(out["tokens"]) > 0
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([prompt + out["tokens"]])).logits[0].double(), -1)
+        for j, (t, e) in enumerate(zip(out["tokens"], out["logprobs"])):
+            row = logp[len(prompt) - 1 + j]                   # the position that predicted token j
+            assert e["id"] == t and e["token"] == tok.decode([t])
+            assert e["logprob"] == pytest.approx(float(row[t]), abs=1e-4)
+            want_lp, want_ids = row.topk(3)
+            assert [x["id"] for x in e["top_logprobs"]] == want_ids.tolist()
+            assert [x["logprob"] for x in e["top_logprobs"]] == pytest.approx(want_lp.tolist(), abs=1e-4)
+            assert [x["token"] for x in e["top_logprobs"]] == [tok.decode([i]) for i in want_ids.tolist()]
+    res = CliRunner().invoke(cli, base + ["--top-logprobs", "0", "Hello world"])
+    assert res.exit_code == 0 and all(e["top_logprobs"] == [] for e in json.loads(res.stdout)["logprobs"])
+    res = CliRunner().invoke(cli, base[:-4] + ["--top-logprobs", "2", "Hello world"])   # no --json
+    assert res.exit_code == 2 and "give --json" in res.stderr

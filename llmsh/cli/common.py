@@ -172,19 +172,26 @@ def compile_option(f):
     """``--compile/--no-compile``: torch.compile the decode step (default: automatic)."""
     return click.option("--compile/--no-compile", "compile_", default=None,
                         help="torch.compile the decode step (CPU: needs a C compiler; costs a "
-                             "compile once per process: about a minute the first time, 15-20 s once cached). Default: only when -n "
-                             "is large enough to pay the compile time back.")(f)
+                             "compile once per process: about a minute the first time, 15-20 s once cached). Default: "
+                             "decode eagerly, and compile once this process has generated as many "
+                             "tokens as the compile saves (2048; 1024 once cached) with as many "
+                             "still to come by -n and the context; never on a large -n alone.")(f)
 
 
 def setup_decoding(lm, max_new_tokens: int | None, compile_: bool | None) -> None:
-    """Install the compiled decode step on ``lm.decoder`` (or not: see
-    :func:`llmsh.compiled.setup_decoder`); a fallback to eager decoding is one notice."""
-    if compile_ is False or (compile_ is None and not max_new_tokens):
+    """``--compile``: compile the decode step of ``lm.decoder`` now (see
+    :func:`llmsh.compiled.setup_decoder`; a fallback to eager decoding is one notice). Automatic
+    (None): decode eagerly and compile only after enough tokens were actually generated
+    (:func:`llmsh.compiled.defer_compile`), never on a large ``max_new_tokens`` alone, since a
+    reply may stop long before it. ``max_new_tokens``: the most one reply may generate (None:
+    the context)."""
+    if compile_ is False:
         return
-    from ..compiled import AUTO_COMPILE_WARM_MIN_TOKENS, setup_decoder
+    from ..compiled import defer_compile, setup_decoder
 
-    if compile_ is None and max_new_tokens < AUTO_COMPILE_WARM_MIN_TOKENS:
-        return                 # nothing to import or decide: the common, eager case
+    if compile_ is None:
+        defer_compile(lm.decoder, max_new_tokens=max_new_tokens, notice=output.notice)
+        return
     info = setup_decoder(lm.decoder, max_new_tokens=max_new_tokens or 0, compile=compile_,
                          notice=output.notice)
     if info.get("compiled"):
@@ -228,6 +235,7 @@ def timings(st) -> dict:
         "total_s": round(st.prefill_seconds + st.decode_seconds, 6),
         "prefill_tokens_per_s": round(st.prefill_tokens_per_s, 3),
         "decode_tokens_per_s": round(st.decode_tokens_per_s, 3),
+        "compile_s": round(st.compile_seconds, 6),      # an automatic compile mid-reply
     }
 
 

@@ -15,6 +15,7 @@ import errno
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -207,7 +208,15 @@ def _write_json(obj) -> None:
               help="Print one JSON object: text, tokens, finish_reason, prompt_tokens, "
                    "completion_tokens, timings. tokens (and completion_tokens, its length) are all "
                    "the ids generated, including those that completed a --stop string cut from text; "
-                   "an end-of-sequence token is not included.")
+                   "an end-of-sequence token is not included. On Ctrl-C the object of what was "
+                   "generated so far, finish_reason \"interrupted\" (exit status 130).")
+@click.option("--top-logprobs", "top_logprobs", type=click.IntRange(0), default=None, metavar="K",
+              help="With --json: add \"logprobs\", one entry per id of tokens: {token, id, logprob, "
+                   "top_logprobs: the K most likely tokens at that position as [{token, id, "
+                   "logprob}]} (nats; token: the id's text alone). As OpenAI's, they are the "
+                   "model's own distribution (log-softmax of its logits), not the one sampled "
+                   "from after --temperature, --repetition-penalty and the top-k/top-p/min-p "
+                   "filters. 0: each token's own logprob only.")
 @errors_option
 @quantize_option
 @compile_option
@@ -215,8 +224,8 @@ def _write_json(obj) -> None:
 @no_log_option
 @server_option
 def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx, temperature, top_k,
-             top_p, min_p, repetition_penalty, seed, stop, stats, as_json, errors, quantize, compile_, tp,
-             no_log, server):
+             top_p, min_p, repetition_penalty, seed, stop, stats, as_json, top_logprobs, errors, quantize,
+             compile_, tp, no_log, server):
     """Generate one reply to PROMPT and stream it to stdout.
 
     The prompt is the arguments joined by spaces. When stdin is not a terminal, its content comes
@@ -232,9 +241,14 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
       cat notes.txt | llmsh generate "Summarize the notes above."
       llmsh generate --raw -n 40 --temperature 0.8 --seed 1 "The quick brown fox"
       llmsh generate --json --stop "." "Say hi" | jq .text
+      llmsh generate --json --top-logprobs 3 -n 5 "The capital of France is" | jq .logprobs
     """
     output.input_errors = errors
+    if top_logprobs is not None and not as_json:
+        raise click.UsageError("--top-logprobs adds to the --json object: give --json")
     if server:      # client mode: no torch, no model here (llmsh/cli/client.py)
+        if top_logprobs is not None:
+            raise click.UsageError("--top-logprobs is not available with --server yet")
         return remote_generate(server, prompt, chat_mode, system, max_tokens, n_ctx, stop, stats, as_json,
                                errors, dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                             repetition_penalty=repetition_penalty, seed=seed))
@@ -274,30 +288,59 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
     cache = lm.decoder.new_cache(min(n_ctx, len(ids) + max_tokens))   # the decoder's own shape (a TP rank: its heads)
     setup_decoding(lm, min(max_tokens, cache.max_seq_len - len(ids)), compile_)
     st = GenerationStats()
+    logprobs = None
+    if top_logprobs is not None:
+        from ..scoring import GeneratedLogprobs
+
+        logprobs = GeneratedLogprobs(top_logprobs)
     pieces = generate_text(lm.decoder, tok, ids, cache, params, max_new_tokens=max_tokens,
-                           stop_strings=list(stop), eos_ids=lm.eos_ids, stats=st)
+                           stop_strings=list(stop), eos_ids=lm.eos_ids, stats=st, on_logits=logprobs)
     log = logs.open_for_logging(no_log or (group is not None and group.rank > 0))
-    got: list[str] = []
+    interrupted = False
+    reply: list[str] = []
     try:
         if as_json:
-            got.extend(pieces)
-            _write_json({"text": "".join(got), "tokens": st.token_ids, "finish_reason": st.finish_reason,
-                         "prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens,
-                         "n_ctx": n_ctx, "timings": timings(st)})
+            try:
+                for piece in pieces:
+                    reply.append(piece)
+            except KeyboardInterrupt:           # Ctrl-C: the object of what was generated so far
+                interrupted = True
+            tokens = list(st.token_ids)
+            extra = {}
+            if logprobs is not None:    # a Ctrl-C may fall between a token and its row
+                rows = logprobs.rows[: len(tokens)]
+                tokens = tokens[: len(rows)]
+                extra["logprobs"] = [_logprob_entry(tok, r) for r in rows]
+            _write_json({"text": "".join(reply), "tokens": tokens,
+                         "finish_reason": "interrupted" if interrupted else st.finish_reason,
+                         "prompt_tokens": st.prompt_tokens, "completion_tokens": len(tokens),
+                         "n_ctx": n_ctx, "timings": timings(st), **extra})
         else:
             out = output.StreamWriter()
             try:
                 for piece in pieces:
-                    got.append(piece)
+                    reply.append(piece)
                     out.write(piece)
+            except KeyboardInterrupt:
+                interrupted = True
             finally:
                 out.finish()
     finally:  # also a reply cut short by Ctrl-C or an error: see record_generate
         logs.record_generate(log, lm, kind="generate" if chat_mode else "raw", system=system,
-                             prompt=text, reply="".join(got), stats=st,
+                             prompt=text, reply="".join(reply), stats=st,
                              options=logs.options(params, max_tokens=max_tokens, n_ctx=n_ctx, stop=list(stop)))
     if stats:
         output.notice(output.stats_line(st, context_used=cache.offset, n_ctx=n_ctx))
+    if interrupted:
+        raise click.exceptions.Exit(EXIT_INTERRUPT)
+
+
+def _logprob_entry(tok, row) -> dict:
+    """One ``logprobs`` entry of ``generate --json`` from a :class:`llmsh.scoring.GeneratedLogprobs` row."""
+    tid, lp, top = row
+    finite = lambda x: x if math.isfinite(x) else None     # noqa: E731  (JSON has no -inf)
+    return {"token": tok.decode([tid]), "id": tid, "logprob": finite(lp),
+            "top_logprobs": [{"token": tok.decode([i]), "id": i, "logprob": finite(x)} for i, x in top]}
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS, short_help="Chat interactively (or answer piped text once).")

@@ -236,7 +236,8 @@ def stats_line(st, *, context_used: int, n_ctx: int) -> str:
             f"context {context_used}/{n_ctx}, "
             f"reused {st.reused_tokens}/{st.prompt_tokens} prompt tokens ({prefill}), "
             f"total {st.prefill_seconds + st.decode_seconds:.2f} s, "
-            f"finish: {st.finish_reason or 'interrupted'}")
+            + (f"compile {st.compile_seconds:.1f} s, " if getattr(st, "compile_seconds", 0) else "")
+            + f"finish: {st.finish_reason or 'interrupted'}")
 
 
 #: Stages of a (stage, done, total) progress callback that count bytes (see llmsh.hub.Progress).

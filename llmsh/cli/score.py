@@ -50,8 +50,9 @@ def _result_line(source, r) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file (or line).")
 @click.option("--per-token", "per_token", type=click.Path(dir_okay=False, allow_dash=True), metavar="FILE",
               help="Write every scored token as JSONL (source, position, id, text, logprob) to FILE "
-                   "(- for stdout). A regular file is replaced only when scoring succeeds; a device "
-                   "or FIFO is written through; a link is followed; an input FILE is refused.")
+                   "(- for stdout). A regular file is replaced only when scoring succeeds or is "
+                   "stopped by Ctrl-C (then with the rows of the tokens scored); a device or FIFO "
+                   "is written through; a link is followed; an input FILE is refused.")
 @click.option("--top-logprobs", type=click.IntRange(1), default=None, metavar="K",
               help="With --per-token: each token's row also lists the K most likely tokens there "
                    "(id, text, logprob in nats).")
@@ -78,6 +79,12 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
     by BOS if the tokenizer adds one, the second half of each window scored. A total follows when
     there are several files.
 
+    Ctrl-C stops scoring and prints the running result (exit status 130): the text being scored
+    gets its line with the tokens scored so far, perplexity ± and NLL so far, marked
+    "[interrupted: N of M tokens]" (--json: its object with "interrupted": true and
+    "n_tokens_planned"); --each-line prints the lines finished; --per-token FILE is written with
+    the rows of the tokens counted; a --kl-base FILE is not written.
+
     \b
     Examples:
       llmsh perplexity book.txt
@@ -88,7 +95,8 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
       llmsh ppl --kl-base ref.kl book.txt && llmsh ppl --kl-divergence ref.kl --quantize int4
     """
     from ..kl import KLBase, KLCompare
-    from ..perplexity import combine, perplexity_lines, perplexity_llamacpp, perplexity_sliding
+    from ..perplexity import (ScoringInterrupted, combine, perplexity_lines, perplexity_llamacpp,
+                              perplexity_sliding)
     from ..scoring import TopLogprobs
 
     if stride is not None and all_tokens:
@@ -161,44 +169,64 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
         n_ctx = lm.n_ctx_max
     bos_id = tok.bos_token_id if tok.add_bos else None
     results = []  # (source, result)
-    with output.progress("scoring") as progress:
-        for source, text in texts:
-            if each_line:
-                if not text:  # not a phantom "<stdin>:1" of an empty line
-                    raise InputError(f"{source}: empty input, no lines to score")
-                # A CRLF line's "\r" is the line ending, not text to score.
-                lines = [line.removesuffix("\r") for line in text.split("\n")]
-                ids = [tok.encode(line) for line in lines]
-                rs = perplexity_lines(lm.decoder, ids, n_ctx, pad_id=tok.pad_token_id or 0,
-                                      n_bytes=[len(line.encode()) for line in lines],
-                                      per_token=per_token is not None, progress=progress, shard=shard)
-                results += [(f"{source}:{i + 1}", r) for i, r in enumerate(rs)]
-                continue
-            ids = tok.encode(text) if base is None else base[0]["tokens"].tolist()
-            top = TopLogprobs(top_logprobs) if top_logprobs else None
-            kl_obs = KLBase(kl_top_k) if kl_base else KLCompare(base[0]) if base is not None else None
-            common = dict(n_bytes=len(text.encode()) if text is not None else 0, per_token=per_token is not None,
-                          progress=progress, observe=ppl_kl.chain(top, kl_obs), shard=shard)
-            try:
-                if stride is not None:
-                    r = perplexity_sliding(lm.decoder, ids, n_ctx, stride, **common)
-                else:
-                    r = perplexity_llamacpp(lm.decoder, ids, n_ctx, bos_id=bos_id, all_tokens=all_tokens,
-                                            **common)
-            except InputError as e:
-                hint = "" if stride is not None else " (a smaller -c/--n-ctx, or --stride, scores shorter texts)"
-                raise InputError(f"{source}: {e}{hint}") from None
-            r.top_logprobs = top.rows if top is not None else None
-            results.append((source, r))
-            if isinstance(kl_obs, KLCompare):
-                kl = kl_obs.result()
-                if as_json:
-                    click.echo(json.dumps(ppl_kl.kl_dict(source, kl, r)))
-                else:
-                    click.echo("\n".join(ppl_kl.kl_lines(source, kl, r)))
-                continue
-            if not as_json:  # results appear as each file is done
-                click.echo(_result_line(source, r))
+    stopped = None  # the ScoringInterrupted of a Ctrl-C: what was scored is still reported
+    try:
+        with output.progress("scoring") as progress:
+            for source, text in texts:
+                if each_line:
+                    if not text:  # not a phantom "<stdin>:1" of an empty line
+                        raise InputError(f"{source}: empty input, no lines to score")
+                    # A CRLF line's "\r" is the line ending, not text to score.
+                    lines = [line.removesuffix("\r") for line in text.split("\n")]
+                    ids = [tok.encode(line) for line in lines]
+                    try:
+                        rs = perplexity_lines(lm.decoder, ids, n_ctx, pad_id=tok.pad_token_id or 0,
+                                              n_bytes=[len(line.encode()) for line in lines],
+                                              per_token=per_token is not None, progress=progress, shard=shard)
+                    except ScoringInterrupted as e:
+                        rs, stopped = e.partial, e
+                    results += [(f"{source}:{i + 1}", r) for i, r in enumerate(rs) if r is not None]
+                    if stopped is not None:
+                        break
+                    continue
+                ids = tok.encode(text) if base is None else base[0]["tokens"].tolist()
+                top = TopLogprobs(top_logprobs) if top_logprobs else None
+                kl_obs = KLBase(kl_top_k) if kl_base else KLCompare(base[0]) if base is not None else None
+                common = dict(n_bytes=len(text.encode()) if text is not None else 0, per_token=per_token is not None,
+                              progress=progress, observe=ppl_kl.chain(top, kl_obs), shard=shard)
+                try:
+                    if stride is not None:
+                        r = perplexity_sliding(lm.decoder, ids, n_ctx, stride, **common)
+                    else:
+                        r = perplexity_llamacpp(lm.decoder, ids, n_ctx, bos_id=bos_id, all_tokens=all_tokens,
+                                                **common)
+                except InputError as e:
+                    hint = "" if stride is not None else " (a smaller -c/--n-ctx, or --stride, scores shorter texts)"
+                    raise InputError(f"{source}: {e}{hint}") from None
+                except ScoringInterrupted as e:
+                    r, stopped = e.partial, e
+                # The observer may have seen one batch more than was counted when Ctrl-C came.
+                r.top_logprobs = top.rows[: r.n_tokens] if top is not None else None
+                results.append((source, r))
+                if stopped is not None:
+                    break
+                if isinstance(kl_obs, KLCompare):
+                    kl = kl_obs.result()
+                    if as_json:
+                        click.echo(json.dumps(ppl_kl.kl_dict(source, kl, r)))
+                    else:
+                        click.echo("\n".join(ppl_kl.kl_lines(source, kl, r)))
+                    continue
+                if not as_json:  # results appear as each file is done
+                    click.echo(_result_line(source, r))
+    except KeyboardInterrupt as e:     # between two texts (or while tokenizing one): all whole
+        if isinstance(e, ScoringInterrupted):
+            raise
+        stopped = ScoringInterrupted(None, 0)
+    if stopped is not None:
+        _report_interrupted(results, stopped, as_json=as_json, each_line=each_line, tok=tok,
+                            per_token_file=per_token_file, kl=bool(kl_base or kl_divergence))
+        raise click.exceptions.Exit(130)     # as any Ctrl-C (cli.main.EXIT_INTERRUPT)
     if kl_base:
         try:    # safetensors writes the (still empty) temporary file by its name
             kl_obs.save(kl_file.tmp, ids, {"protocol": r.protocol, "n_ctx": r.n_ctx, "stride": r.stride,
@@ -224,6 +252,42 @@ def perplexity(files, model, device, dtype, n_ctx, stride, all_tokens, each_line
             click.echo(json.dumps({**_result_dict(None, total), "total": True}))
         else:
             click.echo(_result_line("total", total))
+
+
+def _report_interrupted(results, stopped, *, as_json, each_line, tok, per_token_file, kl) -> None:
+    """After Ctrl-C: what was scored, as the running values llama-perplexity prints. The text
+    being scored when it came (the last result, unless Ctrl-C came between texts or lines) is
+    marked interrupted, with the tokens it would have scored; --per-token gets the rows of every
+    token scored; a --kl-base file is not written."""
+    from ..perplexity import combine
+
+    current = not each_line and stopped.partial is not None    # the last result is a partial one
+    done = results[:-1] if current else results
+    if as_json or each_line:             # else the finished texts were printed as they ended
+        for s, x in done:
+            click.echo(json.dumps(_result_dict(s, x)) if as_json else _result_line(s, x))
+    if current:
+        source, r = results[-1]
+        if as_json:
+            click.echo(json.dumps({**_result_dict(source, r), "interrupted": True,
+                                   "n_tokens_planned": stopped.planned}))
+        else:
+            line = _result_line(source, r) if r.n_tokens else f"{source}: no tokens scored"
+            click.echo(f"{line} [interrupted: {r.n_tokens} of {stopped.planned} tokens]")
+    if len(results) > 1 and not each_line and not kl:
+        total = combine([x for _, x in results])
+        if as_json:
+            click.echo(json.dumps({**_result_dict(None, total), "total": True, "interrupted": True}))
+        else:
+            click.echo(_result_line("total", total) + " [interrupted]")
+    if per_token_file is not None:
+        _write_per_token(per_token_file, results, tok)
+        per_token_file.commit()
+    n = sum(x.n_tokens for _, x in results)
+    where = getattr(per_token_file, "path", None)
+    output.notice(f"interrupted: {n} token{'s' if n != 1 else ''} scored"
+                  + (f" (their rows are in {where})" if where else "")
+                  + ("; no KL divergence reported and no reference saved" if kl else ""))
 
 
 def _write_per_token(out, results, tok) -> None:
