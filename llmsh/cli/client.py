@@ -87,7 +87,7 @@ class Server:
 def _stats(d: dict) -> SimpleNamespace:
     """The server's ``llmsh.stats`` as the attributes of :class:`llmsh.generate.GenerationStats`
     that the --stats line and --json timings read (without importing the engine)."""
-    st = SimpleNamespace(**d)
+    st = SimpleNamespace(**{"compile_seconds": 0.0, **d})    # an older server sends no compile time
     prefill = st.prompt_tokens - st.reused_tokens
     st.prefill_tokens_per_s = prefill / st.prefill_seconds if st.prefill_seconds > 0 else 0.0
     st.decode_tokens_per_s = st.decode_steps / st.decode_seconds if st.decode_seconds > 0 else 0.0

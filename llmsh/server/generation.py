@@ -84,7 +84,8 @@ class GenerationResult:
                 "stats": {"prompt_tokens": st.prompt_tokens, "reused_tokens": st.reused_tokens,
                           "generated_tokens": st.generated_tokens, "prefill_seconds": st.prefill_seconds,
                           "decode_seconds": st.decode_seconds, "ttft_seconds": st.ttft_seconds,
-                          "decode_steps": st.decode_steps, "finish_reason": self.finish_reason}}
+                          "decode_steps": st.decode_steps, "compile_seconds": st.compile_seconds,
+                          "finish_reason": self.finish_reason}}
 
 
 def _score_prompt(state: ModelState, ids: list[int], k: int, job) -> list[TokenLogprob]:
