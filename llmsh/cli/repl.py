@@ -132,7 +132,7 @@ def read_message(prompt, notice=None) -> str:
 def run_chat(model, *, system: str | None = None, params=None, max_tokens: int | None = None,
              n_ctx: int | None = None, stats: bool = False, history: bool | str | Path = True,
              input=None, output=None, stdin=None, stdout=None, stderr=None,
-             interactive: bool | None = None, log=None, resume=None) -> int:
+             interactive: bool | None = None, log=None, resume=None, markdown: bool | None = None) -> int:
     """Run ``llmsh chat`` on ``model`` (a LoadedModel); return the exit status (0).
 
     Args:
@@ -146,6 +146,8 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
         interactive: default: True when ``input`` is given or stdin is a terminal.
         log, resume: a :class:`llmsh.cli.logs.ChatLogger` to record each reply; a logged
             :class:`llmsh.logstore.Conversation` to continue (see :func:`llmsh.cli.logs.attach`).
+        markdown: draw replies as Markdown when stdout is a terminal (default: when it is one;
+            see :class:`llmsh.cli.repl_output.Printer`); never on a pipe.
 
     Raises:
         InputError: not interactive and stdin is empty, or the message does not fit the context.
@@ -154,7 +156,8 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
     from .output import is_terminal
 
     stdin = stdin if stdin is not None else sys.stdin
-    p = Printer(stdout if stdout is not None else sys.stdout, stderr if stderr is not None else sys.stderr)
+    p = Printer(stdout if stdout is not None else sys.stdout, stderr if stderr is not None else sys.stderr,
+                markdown=markdown)
     if params is None:
         from ..sampling import SamplingParams
 
