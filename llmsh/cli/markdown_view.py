@@ -67,7 +67,8 @@ class MarkdownStream:
         self._interval = 1.0 / refresh_per_second
         self._text = ""      # everything fed so far (the raw reply)
         self._done = 0       # characters of _text whose blocks are printed for good
-        self._chunks = 0     # printed groups of blocks: a blank line goes between two
+        self._chunks = 0     # groups of blocks printed for good
+        self._after_rule = False  # the last block printed for good is a rule (---)
         self._shown = 0      # lines of the last block's rendering already printed (it was tall)
         self._live = None
         self._last_draw = 0.0
@@ -116,11 +117,13 @@ class MarkdownStream:
         self._last_draw = time.monotonic()
         tail = self._text[self._done:]
         printed = []
-        cut = _last_block_start(tail)
-        if cut:
+        blocks = _blocks(tail)
+        if len(blocks) > 1 and blocks[-1][0] > 0:
             # The blocks before the last are complete: print them (less what is already printed).
+            cut = blocks[-1][0]
             printed += self._lines(tail[:cut])[self._shown:]
             self._done += cut
+            self._after_rule = blocks[-2][1] == "hr"
             self._chunks += 1
             self._shown = 0
             tail = tail[cut:]
@@ -143,15 +146,25 @@ class MarkdownStream:
             self.console.print(_Lines(printed))  # above the live area, which is drawn again below
 
     def _lines(self, source: str) -> list:
-        """``source`` rendered as Markdown: a list of lines (lists of rich Segments), with the blank
-        line that separates it from the group printed before it."""
+        """``source`` (whole blocks, the first starting where the printed text ends) rendered as
+        Markdown: a list of lines (lists of rich Segments), the same lines as they have in the
+        rendering of the whole text."""
         if not source.strip():
             return []
         from rich.markdown import Markdown
 
-        lines = self.console.render_lines(Markdown(source, code_theme=self.code_theme),
-                                          self.console.options, pad=False, new_lines=False)
-        return ([[]] if self._chunks else []) + [_rstrip(line) for line in lines]
+        def render(text):
+            return self.console.render_lines(Markdown(text, code_theme=self.code_theme),
+                                             self.console.options, pad=False, new_lines=False)
+
+        skip = 0
+        if self._chunks:
+            # rich puts a blank line before a block unless it is the first or follows a rule:
+            # render it after a stand-in for the block before it, and drop the stand-in's lines.
+            before = "---\n\n" if self._after_rule else "x\n\n"
+            skip = len(render(before))
+            source = before + source
+        return [_rstrip(line) for line in render(source)[skip:]]
 
 
 class _Lines:
@@ -189,21 +202,20 @@ def _rstrip(line: list) -> list:
 _parser = None
 
 
-def _last_block_start(source: str) -> int:
-    """Offset in ``source`` where its last top-level Markdown block starts (0 when it has only one):
-    everything before it is complete blocks."""
+def _blocks(source: str) -> list[tuple[int, str]]:
+    """The top-level Markdown blocks of ``source``: (offset where each starts, markdown-it token
+    type, e.g. ``paragraph_open``, ``fence``, ``hr``)."""
     global _parser
     if _parser is None:
         from markdown_it import MarkdownIt
 
         _parser = MarkdownIt().enable("strikethrough").enable("table")  # as rich.markdown parses
-    starts = [t.map[0] for t in _parser.parse(source) if t.level == 0 and t.map and t.nesting >= 0]
-    if len(starts) < 2 or starts[-1] == 0:
-        return 0
-    pos = 0
-    for _ in range(starts[-1]):
+    starts = [(t.map[0], t.type) for t in _parser.parse(source) if t.level == 0 and t.map and t.nesting >= 0]
+    offsets, pos = [0], 0
+    for _ in range(max((line for line, _ in starts), default=0)):
         pos = source.index("\n", pos) + 1
-    return pos
+        offsets.append(pos)
+    return [(offsets[line], kind) for line, kind in starts]
 
 
 @contextlib.contextmanager
