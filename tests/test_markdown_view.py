@@ -137,6 +137,24 @@ def test_redraws_are_throttled(monkeypatch):
     assert "word99" in "\n".join(screen(c.file.getvalue(), 20))  # close() draws the rest
 
 
+def test_slow_redraws_are_rarer(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(markdown_view.time, "monotonic", lambda: now[0])
+    view = MarkdownStream(console(), refresh_per_second=8)
+    draws = []
+
+    def slow_draw():  # a redraw that takes 0.2 s (a long code block)
+        draws.append(now[0])
+        now[0] += 0.2
+
+    monkeypatch.setattr(view, "_draw", slow_draw)
+    for i in range(200):
+        view.feed("x")
+        now[0] += 0.01
+    gaps = [b - a for a, b in zip(draws, draws[1:])]
+    assert draws and min(gaps) >= 0.8 - 1e-9  # at most a quarter of the time spent drawing
+
+
 def test_empty_and_blank_replies_draw_nothing():
     assert stream("") == "" and stream(" \n\n") == ""
 

@@ -54,8 +54,9 @@ def parse_switch(value: str) -> bool:
 class MarkdownStream:
     """Draws text fed piece by piece as Markdown on ``console`` (a rich Console on a terminal).
 
-    :meth:`feed` redraws at most ``refresh_per_second`` times a second (each redraw renders the
-    last Markdown block again, so drawing every token would cost more than generating it);
+    :meth:`feed` redraws at most ``refresh_per_second`` times a second, and less often when a
+    redraw is slow (each renders the last Markdown block again; drawing every token would cost
+    more than generating it, and the reply is generated only while nothing is drawn);
     :meth:`close` draws the rest and stops the live display, leaving everything on the screen and
     the cursor at the start of the line after it. Ctrl-C during a redraw is held until the redraw
     is done (then raised), so that the screen and this object never disagree.
@@ -71,7 +72,7 @@ class MarkdownStream:
         self._after_rule = False  # the last block printed for good is a rule (---)
         self._shown = 0      # lines of the last block's rendering already printed (it was tall)
         self._live = None
-        self._last_draw = 0.0
+        self._next_draw = 0.0  # time.monotonic() from when feed() may redraw
         self._closed = False
 
     @property
@@ -82,9 +83,14 @@ class MarkdownStream:
     def feed(self, text: str) -> None:
         """Add ``text`` to the reply; redraw when the last redraw is old enough."""
         self._text += text
-        if time.monotonic() - self._last_draw >= self._interval:
+        if time.monotonic() >= self._next_draw:
             with _sigint_held():
+                start = time.monotonic()
                 self._draw()
+                took = time.monotonic() - start
+            # A slow redraw (a long code block is highlighted again each time) waits three times
+            # as long before the next: drawing never takes more than a quarter of the time.
+            self._next_draw = start + max(self._interval, 4 * took)
 
     def clear_live(self) -> None:
         """Blank the live area (before something else, e.g. a notice on stderr, is written to the
@@ -92,7 +98,7 @@ class MarkdownStream:
         if self._live is not None:
             with _sigint_held():
                 self._live.update(_Lines([]), refresh=True)
-            self._last_draw = 0.0
+            self._next_draw = 0.0
 
     def close(self) -> None:
         """Draw the whole text and stop the live display (idempotent)."""
@@ -114,7 +120,6 @@ class MarkdownStream:
     # --- drawing ---------------------------------------------------------------------------------
 
     def _draw(self) -> None:
-        self._last_draw = time.monotonic()
         tail = self._text[self._done:]
         printed = []
         blocks = _blocks(tail)
