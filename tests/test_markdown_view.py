@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import signal
 
@@ -317,3 +318,73 @@ def test_chat_markdown_option(chat_model, tmp_path, monkeypatch):  # noqa: F811
     assert plain.exit_code == md.exit_code == 0
     assert md.stdout == plain.stdout and "\x1b" not in md.stdout
     assert "--markdown / --no-markdown" in runner.invoke(cli, ["chat", "--help"]).output
+
+
+# --- under a real pseudo-terminal ------------------------------------------------------------------
+
+from test_repl import Terminal, _env, needs_pty  # noqa: E402
+
+
+FAKE_MODEL = """
+import itertools, os, time
+import llmsh.generate as g
+import llmsh.session as s
+
+_stream = s.ChatSession._stream
+
+
+def slow_reply(self, ids, on_nothing):  # the reply to every message: FAKE_REPLY, again and again
+    reply = self.model.tokenizer.encode(os.environ["LLMSH_FAKE_REPLY"])
+
+    def tokens(*a, **kw):
+        for t in itertools.islice(itertools.cycle(reply), 100_000):  # the context is not filled
+            time.sleep(0.01)
+            yield t
+
+    g.generate_tokens = tokens
+    return _stream(self, ids, on_nothing)
+
+
+s.ChatSession._stream = slow_reply
+"""
+
+
+@needs_pty
+@pytest.mark.parametrize("flag", ["--markdown", "--no-markdown"])
+def test_ctrl_c_mid_reply_on_a_real_terminal(chat_model, tmp_path, flag):  # noqa: F811
+    """``llmsh chat`` on a pty, its model replying REPLY over and over, slowly: Ctrl-C stops the
+    reply, the prompt comes back, the partial reply is kept (raw) and the shell leaves with 0."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAKE_MODEL, encoding="utf-8")
+    env = _env(tmp_path)
+    env.update(LLMSH_FAKE_REPLY=REPLY, LLMSH_LOG="off",
+               PYTHONPATH=os.pathsep.join([str(hook), env.get("PYTHONPATH", "")]))
+    f = tmp_path / "c.json"
+    t = Terminal(["chat", "-m", str(chat_model), "-n", "2000", "--no-compile", flag], env)
+    try:
+        t.wait_for(b">>>")
+        t.type(b"hello\r")
+        t.wait_for(b"Steps:")
+        start = t.seen.rindex(b"\x1b[?2004l")  # prompt-toolkit is done with the line: the reply
+        t.wait_for(b"Done.", 2)  # the second time round
+        t.type(b"\x03")
+        t.wait_for(b"[interrupted")
+        t.wait_for(b">>>", 2)
+        t.type(f"/save {f}\r".encode())
+        t.wait_for(b"saved to")
+        t.type(b"/exit\r")
+        assert t.proc.wait(timeout=60) == 0
+    finally:
+        t.close()
+    reply = json.loads(f.read_text(encoding="utf-8"))["messages"][1]
+    assert reply["interrupted"] and reply["content"].startswith(REPLY + REPLY[:-1])
+    drawn = t.seen[start:].split(b"[interrupted")[0].decode("utf-8")
+    if flag == "--markdown":
+        assert "\x1b[2K" in drawn  # redrawn live
+        assert drawn.count("\x1b[?25l") == drawn.count("\x1b[?25h")  # the cursor is shown again
+        shown = screen(drawn.replace("\r\n", "\n"), 25)  # rich's size for a pty without one
+        assert not any("```" in line for line in shown) and shown.count(" • first item") >= 2
+    else:
+        raw = drawn[len("\x1b[?2004l"):].replace("\r\n", "\n")
+        assert raw.startswith(REPLY + REPLY[:-1]) and "\x1b" not in raw  # the raw text, as it came
