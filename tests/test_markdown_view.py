@@ -156,6 +156,30 @@ def test_slow_redraws_are_rarer(monkeypatch):
     assert draws and min(gaps) >= 0.8 - 1e-9  # at most a quarter of the time spent drawing
 
 
+def test_a_notice_mid_reply_lands_on_its_own_line(monkeypatch):
+    """Printer.info while a reply is drawn (stdout and stderr on one terminal): the live area is
+    blanked first, so the notice is not drawn over and nothing is drawn twice."""
+    from llmsh.cli.repl_output import Printer
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(markdown_view.time, "monotonic", lambda: float(next(clock)))  # always redraw
+    monkeypatch.setenv("COLUMNS", "60")
+    monkeypatch.setenv("LINES", "20")
+    tty = Tty()
+    p = Printer(tty, tty, markdown=True)
+    half = REPLY.index("```python") + 20
+    for ch in REPLY[:half]:
+        p.piece(ch)
+    p.notice("something happened")
+    for ch in REPLY[half:]:
+        p.piece(ch)
+    p.end_reply(REPLY[-1])
+    shown = screen(tty.getvalue(), 20)
+    assert shown.count("llmsh: something happened") == 1
+    rest = [ln for ln in shown if ln != "llmsh: something happened"]
+    assert rest == at_once(REPLY, 20)  # the reply, each line once (the notice cut it in two)
+
+
 def test_empty_and_blank_replies_draw_nothing():
     assert stream("") == "" and stream(" \n\n") == ""
 
