@@ -180,6 +180,13 @@ def test_a_notice_mid_reply_lands_on_its_own_line(monkeypatch):
     assert rest == at_once(REPLY, 20)  # the reply, each line once (the notice cut it in two)
 
 
+def test_carriage_returns_count_as_line_breaks():
+    text = "First paragraph.\r\n\r\n- item\r\r- other\r\n\r\nLast.\n"
+    assert screen(stream(text, step=1), 20) == at_once(text)
+    assert [kind for _, kind in markdown_view._blocks(text)] == ["paragraph_open", "bullet_list_open",
+                                                                 "paragraph_open"]
+
+
 def test_empty_and_blank_replies_draw_nothing():
     assert stream("") == "" and stream(" \n\n") == ""
 

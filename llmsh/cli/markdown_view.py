@@ -16,6 +16,7 @@ paragraph already wrapped, so the live area always fits on the screen.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import threading
 import time
@@ -216,10 +217,8 @@ def _blocks(source: str) -> list[tuple[int, str]]:
 
         _parser = MarkdownIt().enable("strikethrough").enable("table")  # as rich.markdown parses
     starts = [(t.map[0], t.type) for t in _parser.parse(source) if t.level == 0 and t.map and t.nesting >= 0]
-    offsets, pos = [0], 0
-    for _ in range(max((line for line, _ in starts), default=0)):
-        pos = source.index("\n", pos) + 1
-        offsets.append(pos)
+    # Line numbers as markdown-it counts them: it reads \r\n and a lone \r as line breaks too.
+    offsets = [0] + [m.end() for m in re.finditer(r"\r\n?|\n", source)]
     return [(offsets[line], kind) for line, kind in starts]
 
 
