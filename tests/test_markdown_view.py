@@ -187,6 +187,27 @@ def test_carriage_returns_count_as_line_breaks():
                                                                  "paragraph_open"]
 
 
+def test_a_rendering_failure_falls_back_to_the_raw_text(monkeypatch):
+    from llmsh.cli.repl_output import Printer
+
+    def broken(self, source):
+        if len(self._text) > 30:
+            raise RuntimeError("lexer bug")
+        return real(self, source)
+
+    real = MarkdownStream._lines
+    monkeypatch.setattr(MarkdownStream, "_lines", broken)
+    monkeypatch.setattr(markdown_view.time, "monotonic", iter(range(10**6)).__next__)  # always redraw
+    out, err = Tty(), io.StringIO()
+    p = Printer(out, err, markdown=True)
+    for ch in REPLY:
+        p.piece(ch)
+    p.end_reply(REPLY[-1])
+    assert err.getvalue() == ("llmsh: cannot draw the reply as Markdown (RuntimeError: lexer bug); "
+                              "the raw text follows\n")
+    assert out.getvalue().endswith("\n" + REPLY) and out.getvalue().count("\x1b[?25h") == 1
+
+
 def test_empty_and_blank_replies_draw_nothing():
     assert stream("") == "" and stream(" \n\n") == ""
 

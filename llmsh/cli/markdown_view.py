@@ -63,8 +63,10 @@ class MarkdownStream:
     is done (then raised), so that the screen and this object never disagree.
     """
 
-    def __init__(self, console, *, refresh_per_second: float = 8.0, code_theme: str = "monokai"):
+    def __init__(self, console, *, refresh_per_second: float = 8.0, code_theme: str = "monokai",
+                 on_error=None):
         self.console = console
+        self.on_error = on_error  # told (one line) when drawing fails: the raw text follows
         self.code_theme = code_theme
         self._interval = 1.0 / refresh_per_second
         self._text = ""      # everything fed so far (the raw reply)
@@ -75,6 +77,7 @@ class MarkdownStream:
         self._live = None
         self._next_draw = 0.0  # time.monotonic() from when feed() may redraw
         self._closed = False
+        self._failed = False   # drawing failed: the raw text is written instead
 
     @property
     def text(self) -> str:
@@ -84,11 +87,12 @@ class MarkdownStream:
     def feed(self, text: str) -> None:
         """Add ``text`` to the reply; redraw when the last redraw is old enough."""
         self._text += text
-        if time.monotonic() >= self._next_draw:
-            with _sigint_held():
-                start = time.monotonic()
-                self._draw()
-                took = time.monotonic() - start
+        if self._failed:
+            self._write(text)
+        elif time.monotonic() >= self._next_draw:
+            start = time.monotonic()
+            self._safely(self._draw)
+            took = time.monotonic() - start
             # A slow redraw (a long code block is highlighted again each time) waits three times
             # as long before the next: drawing never takes more than a quarter of the time.
             self._next_draw = start + max(self._interval, 4 * took)
@@ -96,9 +100,8 @@ class MarkdownStream:
     def clear_live(self) -> None:
         """Blank the live area (before something else, e.g. a notice on stderr, is written to the
         terminal); the next redraw draws it again below that."""
-        if self._live is not None:
-            with _sigint_held():
-                self._live.update(_Lines([]), refresh=True)
+        if self._live is not None and not self._failed:
+            self._safely(lambda: self._live.update(_Lines([]), refresh=True))
             self._next_draw = 0.0
 
     def close(self) -> None:
@@ -106,17 +109,42 @@ class MarkdownStream:
         if self._closed:
             return
         self._closed = True
-        with _sigint_held():
-            if self._live is None:
-                lines = self._lines(self._text)
-                if lines:
-                    self.console.print(_Lines(lines))
-                return
-            try:
-                lines = self._lines(self._text[self._done:])
-                self._live.update(_Lines(lines[self._shown:]))
-            finally:
-                self._live.stop()  # its last refresh draws the rest in place, then ends the line
+        if not self._failed:
+            self._safely(self._finish)
+        if self._failed and self._text and not self._text.endswith("\n"):
+            self._write("\n")
+
+    def _finish(self) -> None:
+        if self._live is None:
+            lines = self._lines(self._text)
+            if lines:
+                self.console.print(_Lines(lines))
+            return
+        try:
+            lines = self._lines(self._text[self._done:])
+            self._live.update(_Lines(lines[self._shown:]))
+        finally:
+            self._live.stop()  # its last refresh draws the rest in place, then ends the line
+
+    def _safely(self, draw) -> None:
+        """Run ``draw`` with Ctrl-C held; if it fails (a bug in rendering some text), stop the live
+        display, say so, and write the raw text so far: the chat goes on, nothing is lost."""
+        try:
+            with _sigint_held():
+                draw()
+        except Exception as e:  # noqa: BLE001  (any rendering error: the reply must still be shown)
+            self._failed = True
+            with contextlib.suppress(Exception):
+                if self._live is not None:
+                    self._live.stop()
+            if self.on_error is not None:
+                self.on_error(f"cannot draw the reply as Markdown ({type(e).__name__}: {e}); "
+                              "the raw text follows")
+            self._write("\n" + self._text)
+
+    def _write(self, text: str) -> None:
+        self.console.file.write(text)
+        self.console.file.flush()
 
     # --- drawing ---------------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ class Printer:
                 from rich.console import Console
 
                 self._md_console = Console(file=self.out, highlight=False, markup=False, emoji=False)
-            self._view = MarkdownStream(self._md_console)
+            self._view = MarkdownStream(self._md_console, on_error=self.notice)
         if self._view is not None:
             self._view.feed(text)
             return
