@@ -80,12 +80,16 @@ def at_once(text: str, height=20, width=60) -> list[str]:
     return screen(c.file.getvalue(), height)
 
 
-def stream(text: str, height=20, width=60, step=3, **kw) -> str:
-    """What MarkdownStream writes for ``text`` fed ``step`` characters at a time (a redraw each)."""
+def stream(text: str, height=20, width=60, step=3) -> str:
+    """What MarkdownStream writes for ``text`` fed ``step`` characters at a time, a second apart
+    (so that each is drawn)."""
     c = console(height, width)
-    view = MarkdownStream(c, refresh_per_second=kw.pop("refresh_per_second", 1e9), **kw)
+    now = [0.0]
+    view = MarkdownStream(c, clock=lambda: now[0])
     for i in range(0, len(text), step):
+        now[0] += 1
         view.feed(text[i:i + step])
+    assert not text or view._next_draw == now[0] + 1 / 8  # the last piece was drawn
     view.close()
     assert view.text == text
     return c.file.getvalue()
@@ -124,9 +128,8 @@ def test_blocks_are_printed_once_and_only_the_last_is_redrawn():
 
 def test_redraws_are_throttled(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr(markdown_view.time, "monotonic", lambda: now[0])
     c = console()
-    view = MarkdownStream(c, refresh_per_second=8)
+    view = MarkdownStream(c, refresh_per_second=8, clock=lambda: now[0])
     draws = []
     real = view._draw
     monkeypatch.setattr(view, "_draw", lambda: (draws.append(now[0]), real()))
@@ -140,8 +143,7 @@ def test_redraws_are_throttled(monkeypatch):
 
 def test_slow_redraws_are_rarer(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr(markdown_view.time, "monotonic", lambda: now[0])
-    view = MarkdownStream(console(), refresh_per_second=8)
+    view = MarkdownStream(console(), refresh_per_second=8, clock=lambda: now[0])
     draws = []
 
     def slow_draw():  # a redraw that takes 0.2 s (a long code block)
@@ -161,23 +163,34 @@ def test_a_notice_mid_reply_lands_on_its_own_line(monkeypatch):
     blanked first, so the notice is not drawn over and nothing is drawn twice."""
     from llmsh.cli.repl_output import Printer
 
-    clock = iter(range(10**6))
-    monkeypatch.setattr(markdown_view.time, "monotonic", lambda: float(next(clock)))  # always redraw
+    now = [0.0]
+    monkeypatch.setattr(markdown_view.time, "monotonic", lambda: now[0])  # a second per piece
     monkeypatch.setenv("COLUMNS", "60")
     monkeypatch.setenv("LINES", "20")
     tty = Tty()
     p = Printer(tty, tty, markdown=True)
     half = REPLY.index("```python") + 20
     for ch in REPLY[:half]:
+        now[0] += 1
         p.piece(ch)
     p.notice("something happened")
     for ch in REPLY[half:]:
+        now[0] += 1
         p.piece(ch)
     p.end_reply(REPLY[-1])
     shown = screen(tty.getvalue(), 20)
     assert shown.count("llmsh: something happened") == 1
     rest = [ln for ln in shown if ln != "llmsh: something happened"]
     assert rest == at_once(REPLY, 20)  # the reply, each line once (the notice cut it in two)
+
+
+@pytest.mark.parametrize("text", [
+    "Intro.\n\n---\n\nAfter a rule.\n\n***\n- a list after a rule\n\n# Heading\n\n> quoted\n> text\n\nend\n",
+    "# Title\n\n## Section\n\n    indented code\n\n<div>html</div>\n\n1. one\n1. two\n\n---\n",
+])
+def test_every_kind_of_block_ends_as_rendered_at_once(text):
+    for step in (1, 5):
+        assert screen(stream(text, step=step), 20) == at_once(text)
 
 
 def test_carriage_returns_count_as_line_breaks():
@@ -197,10 +210,12 @@ def test_a_rendering_failure_falls_back_to_the_raw_text(monkeypatch):
 
     real = MarkdownStream._lines
     monkeypatch.setattr(MarkdownStream, "_lines", broken)
-    monkeypatch.setattr(markdown_view.time, "monotonic", iter(range(10**6)).__next__)  # always redraw
+    now = [0.0]
+    monkeypatch.setattr(markdown_view.time, "monotonic", lambda: now[0])  # a second per piece
     out, err = Tty(), io.StringIO()
     p = Printer(out, err, markdown=True)
     for ch in REPLY:
+        now[0] += 1
         p.piece(ch)
     p.end_reply(REPLY[-1])
     assert err.getvalue() == ("llmsh: cannot draw the reply as Markdown (RuntimeError: lexer bug); "

@@ -64,8 +64,9 @@ class MarkdownStream:
     """
 
     def __init__(self, console, *, refresh_per_second: float = 8.0, code_theme: str = "monokai",
-                 on_error=None):
+                 on_error=None, clock=None):
         self.console = console
+        self.clock = clock or time.monotonic  # seconds, for the redraw throttle
         self.on_error = on_error  # told (one line) when drawing fails: the raw text follows
         self.code_theme = code_theme
         self._interval = 1.0 / refresh_per_second
@@ -75,7 +76,7 @@ class MarkdownStream:
         self._after_rule = False  # the last block printed for good is a rule (---)
         self._shown = 0      # lines of the last block's rendering already printed (it was tall)
         self._live = None
-        self._next_draw = 0.0  # time.monotonic() from when feed() may redraw
+        self._next_draw = 0.0  # clock() from when feed() may redraw
         self._closed = False
         self._failed = False   # drawing failed: the raw text is written instead
 
@@ -89,12 +90,12 @@ class MarkdownStream:
         self._text += text
         if self._failed:
             self._write(text)
-        elif time.monotonic() >= self._next_draw:
-            start = time.monotonic()
+        elif self.clock() >= self._next_draw:
+            start = self.clock()
             self._safely(self._draw)
-            took = time.monotonic() - start
-            # A slow redraw (a long code block is highlighted again each time) waits three times
-            # as long before the next: drawing never takes more than a quarter of the time.
+            took = self.clock() - start
+            # After a slow redraw (a long code block is highlighted again each time) the next waits
+            # three times as long as it took: drawing takes at most a quarter of the time.
             self._next_draw = start + max(self._interval, 4 * took)
 
     def clear_live(self) -> None:
