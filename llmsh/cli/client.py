@@ -334,7 +334,8 @@ def _get(server: Server, path: str) -> bytes:
     return data
 
 
-def remote_chat(url: str, *, system, max_tokens, sampling: dict, stats: bool, history: bool, piped) -> int:
+def remote_chat(url: str, *, system, max_tokens, sampling: dict, stats: bool, history: bool, piped,
+                markdown: bool | None = None) -> int:
     """``llmsh chat --server URL``: the chat shell (or the one piped message) over the server."""
     import io
 
@@ -347,5 +348,5 @@ def remote_chat(url: str, *, system, max_tokens, sampling: dict, stats: bool, hi
             name = {"compile_": "compile", "n_ctx": "n-ctx"}.get(p, p)
             raise click.UsageError(f"--{name} is the server's (given to llmsh serve): drop it with --server")
     session = _chat_session_class()(Server(url), system=system, params=sampling, max_tokens=max_tokens)
-    return run_chat(None, session=session, stats=stats, history=history,
+    return run_chat(None, session=session, stats=stats, history=history, markdown=markdown,
                     stdin=io.StringIO(piped) if piped is not None else None)

@@ -353,6 +353,11 @@ def _logprob_entry(tok, row) -> dict:
 @sampling_options
 @click.option("--stats", is_flag=True, help="After each reply, print tokens, tokens/s, time to "
                                             "first token and context use.")
+@click.option("--markdown/--no-markdown", default=None,
+              help="Draw replies as Markdown (highlighted code blocks, lists, tables), live as they "
+                   "stream [default: on when stdout is a terminal, unless TERM=dumb]. Never when "
+                   "stdout is not a terminal: piped replies are the raw text. In the chat: /set "
+                   "markdown on|off. The raw text is what is saved and logged.")
 @click.option("--no-history", is_flag=True,
               help="Do not read or write the input history file, chat_history in the user data "
                    "folder (Linux: ~/.local/share/llmsh/chat_history; macOS: ~/Library/Application "
@@ -368,8 +373,8 @@ def _logprob_entry(tok, row) -> dict:
 @compile_option
 @server_option
 def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, top_p, min_p,
-         repetition_penalty, seed, stats, no_history, continue_, cid, no_log, errors, quantize, compile_,
-         server):
+         repetition_penalty, seed, stats, markdown, no_history, continue_, cid, no_log, errors, quantize,
+         compile_, server):
     """Chat with a model in the terminal (type /help for commands, Ctrl-D to quit).
 
     The conversation's KV cache is kept across turns, so each turn only processes the new
@@ -391,6 +396,7 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
       /regen                regenerate the last reply
       /system [TEXT]        set the system message (no TEXT: remove it)
       /set PARAM VALUE      temperature, top_k, top_p, min_p, repetition_penalty, max_tokens, seed
+      /set markdown on|off  draw replies as Markdown (on a terminal)
       /show                 model, parameters, context use, template
       /save FILE            write the conversation as JSON
       /load FILE            read a conversation saved with /save
@@ -417,7 +423,7 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
         if continue_ or cid:
             raise click.UsageError("-c/--cid continue a logged conversation locally; they do not combine with --server")
         return remote_chat(server, system=system, max_tokens=max_tokens, stats=stats, history=not no_history,
-                           piped=piped, sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                           piped=piped, markdown=markdown, sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                                       min_p=min_p, repetition_penalty=repetition_penalty,
                                                       seed=seed))
     resume = logs.find_conversation(cid) if continue_ or cid else None
@@ -430,7 +436,7 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
     store = logs.open_for_logging(no_log)
     try:
         return run_chat(lm, params=params, n_ctx=n_ctx, system=system, max_tokens=max_tokens,
-                        stats=stats, history=not no_history,
+                        stats=stats, history=not no_history, markdown=markdown,
                         stdin=io.StringIO(piped) if piped is not None else None,
                         log=logs.ChatLogger(store, output.notice) if store else None, resume=resume)
     finally:

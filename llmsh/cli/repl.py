@@ -133,7 +133,7 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
              n_ctx: int | None = None, stats: bool = False, history: bool | str | Path = True,
              input=None, output=None, stdin=None, stdout=None, stderr=None,
              interactive: bool | None = None, log=None, resume=None,
-             session: ChatSession | None = None) -> int:
+             session: ChatSession | None = None, markdown: bool | None = None) -> int:
     """Run ``llmsh chat`` on ``model`` (a LoadedModel); return the exit status (0).
 
     Args:
@@ -148,6 +148,8 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
         log, resume: a :class:`llmsh.cli.logs.ChatLogger` to record each reply; a logged
             :class:`llmsh.logstore.Conversation` to continue (see :func:`llmsh.cli.logs.attach`).
         session: a session to use instead of one built on ``model`` (client mode: the server's).
+        markdown: draw replies as Markdown when stdout is a terminal (default: when it is one;
+            see :class:`llmsh.cli.repl_output.Printer`); never on a pipe.
 
     Raises:
         InputError: not interactive and stdin is empty, or the message does not fit the context.
@@ -156,7 +158,8 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
     from .output import is_terminal
 
     stdin = stdin if stdin is not None else sys.stdin
-    p = Printer(stdout if stdout is not None else sys.stdout, stderr if stderr is not None else sys.stderr)
+    p = Printer(stdout if stdout is not None else sys.stdout, stderr if stderr is not None else sys.stderr,
+                markdown=markdown)
     if session is None:
         if params is None:
             from ..sampling import SamplingParams

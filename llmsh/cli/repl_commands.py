@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from ..errors import InputError
+from .markdown_view import parse_switch
 from .repl_output import Printer, print_reply
 from ..session import ChatSession
 
@@ -25,7 +26,8 @@ def _max_tokens(s: str) -> int | None:
 
 # /set PARAM -> parser of its value (ValueError: not a valid value).
 PARAMS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
-          "repetition_penalty": float, "max_tokens": _max_tokens, "seed": _seed}
+          "repetition_penalty": float, "max_tokens": _max_tokens, "seed": _seed,
+          "markdown": parse_switch}  # markdown: the shell's, not the model's (see do_set)
 
 COMMANDS = {
     "/help": "show this help",
@@ -35,7 +37,8 @@ COMMANDS = {
     "/regen": "regenerate the last reply",
     "/system": "/system TEXT sets the system message; /system alone removes it",
     "/set": "/set PARAM VALUE: " + ", ".join(PARAMS)
-            + "; /set max_tokens none (or off, 0): no limit; /set seed none: unseeded",
+            + "; /set max_tokens none (or off, 0): no limit; /set seed none: unseeded"
+            + "; /set markdown on|off: draw replies as Markdown on a terminal",
     "/show": "model, parameters, context use, template",
     "/save": "/save FILE: write the conversation as JSON (a new file is private, mode 0600; "
              "overwriting keeps the file's mode); a file that is not a saved conversation is "
@@ -136,11 +139,15 @@ class SlashCommands:
             v = PARAMS[name](value)
         except ValueError:
             raise InputError(f"/set {name}: {value!r} is not a valid value") from None
+        if name == "markdown":
+            self.p.markdown = v
+            self.p.info(self.p.markdown_status())
+            return
         self.s.set_params(**{name: v})
         self.p.info(f"{name} = {v}")
 
     def do_show(self, arg):
-        self.p.info(_show(self.s), "")
+        self.p.info(_show(self.s) + "\n" + self.p.markdown_status(), "")
 
     def do_save(self, arg, force=False):
         if not arg:

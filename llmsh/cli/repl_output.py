@@ -1,7 +1,8 @@
 """Where the chat shell's text goes: replies on stdout as they stream, everything else on stderr.
 
 Part of the REPL (:mod:`llmsh.cli.repl`): with :mod:`llmsh.cli.repl_commands`, the only chat code that
-writes to the terminal. Colour (rich) only on a colour terminal without NO_COLOR.
+writes to the terminal. Colour (rich) only on a colour terminal without NO_COLOR; replies drawn as
+Markdown (:mod:`llmsh.cli.markdown_view`) only when stdout is a terminal.
 """
 
 from __future__ import annotations
@@ -10,12 +11,19 @@ from ..session import ChatSession
 
 
 class Printer:
-    """Writes replies (stdout) and everything else (stderr); rich styles only on a colour terminal."""
+    """Writes replies (stdout) and everything else (stderr); rich styles only on a colour terminal.
 
-    def __init__(self, stdout, stderr):
-        from .output import color_enabled
+    ``markdown``: draw replies as Markdown when stdout is a terminal (None: when it is one that can
+    move the cursor, see :func:`llmsh.cli.markdown_view.default`); ``/set markdown`` changes it."""
+
+    def __init__(self, stdout, stderr, markdown: bool | None = None):
+        from . import markdown_view
+        from .output import color_enabled, is_terminal
 
         self.out, self.err = stdout, stderr
+        self.markdown = markdown_view.default(stdout) if markdown is None else markdown
+        self._md_possible = is_terminal(stdout)  # never on a pipe: it gets the raw text
+        self._md_console = self._view = None
         self._console = None
         if color_enabled(stderr):
             from rich.console import Console
@@ -23,10 +31,40 @@ class Printer:
             self._console = Console(file=stderr, highlight=False, markup=False, soft_wrap=True)
 
     def piece(self, text: str) -> None:
+        """Print part of a reply: as it is, or into the Markdown view (started by the first piece)."""
+        if self._view is None and self.markdown and self._md_possible:
+            from .markdown_view import MarkdownStream
+
+            if self._md_console is None:
+                from rich.console import Console
+
+                self._md_console = Console(file=self.out, highlight=False, markup=False, emoji=False)
+            self._view = MarkdownStream(self._md_console, on_error=self.notice)
+        if self._view is not None:
+            self._view.feed(text)
+            return
         self.out.write(text)
         self.out.flush()
 
+    def end_reply(self, last: str | None) -> None:
+        """End a reply whose last character was ``last``: finish the Markdown view, or end the line
+        (None: the reply failed; raw text is left as it is)."""
+        view, self._view = self._view, None
+        if view is not None:
+            view.close()
+        elif last is not None and last != "\n":
+            self.out.write("\n")
+        self.out.flush()
+
+    def markdown_status(self) -> str:
+        """The ``markdown: on|off`` line of ``/set markdown`` and ``/show``."""
+        from .markdown_view import describe
+
+        return describe(self.markdown, self.out)
+
     def info(self, text: str, style: str = "dim") -> None:
+        if self._view is not None:
+            self._view.clear_live()  # a notice mid-reply: on a clean line, not inside the live area
         if self._console is not None:
             self._console.print(text, style=style)
         else:
@@ -60,15 +98,14 @@ def print_reply(session: ChatSession, reply, p: Printer, show_stats: bool, *, in
             last = piece[-1]
     except KeyboardInterrupt:
         reply.close()
-        if last != "\n":
-            p.piece("\n")
+        p.end_reply(last)
         if not interactive:
             raise
         p.info("[interrupted: the partial reply is kept; /regen for a new one, /undo to drop it]", "yellow")
+    except BaseException:
+        p.end_reply(None)  # e.g. an error from the model: the Markdown view is closed all the same
+        raise
     else:
-        if last != "\n":
-            p.piece("\n")
-        else:
-            p.out.flush()
+        p.end_reply(last)
     if show_stats:
         p.info(stats_line(session))
