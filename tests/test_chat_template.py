@@ -229,3 +229,18 @@ def test_server_refuses_chat_without_a_template_and_takes_one(bos_model):
         r = c.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["prompt_tokens"] == len(hf_chat_ids(bos_model, BUILTIN_CHATML, "hi"))
+
+
+def test_readme_gemma_template_renders_gemma_markup():
+    import re
+    from pathlib import Path
+
+    from llmsh.template import render_chat
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    snippet = re.search(r"```jinja\n(.*?)```", readme, re.S).group(1)
+    conv = [{"role": "user", "content": "Hi "}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye"}]
+    for gen in (True, False):
+        assert render_chat(snippet, conv, add_generation_prompt=gen, bos_token="<bos>") == \
+            render_chat(GEMMA_TEMPLATE, conv, add_generation_prompt=gen, bos_token="<bos>")
