@@ -244,3 +244,17 @@ def test_readme_gemma_template_renders_gemma_markup():
     for gen in (True, False):
         assert render_chat(snippet, conv, add_generation_prompt=gen, bos_token="<bos>") == \
             render_chat(GEMMA_TEMPLATE, conv, add_generation_prompt=gen, bos_token="<bos>")
+
+
+def test_repl_show_names_the_template_file(bos_model, tmp_path):
+    from test_repl import drive
+
+    from llmsh.cli.common import use_chat_template
+    from llmsh.loader import load_model
+
+    t = tmp_path / "gemma.jinja"
+    t.write_text(GEMMA_TEMPLATE, encoding="utf-8")
+    lm = load_model(str(bos_model), device="cpu", dtype="float32")
+    use_chat_template(lm, (str(t), read_chat_template(str(t))))
+    rc, out, err = drive(lm, "hi\n/show\n/exit\n")
+    assert rc == 0 and f"template: --chat-template {t}: {{{{ bos_token }}}}" in err + out
