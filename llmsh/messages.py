@@ -49,15 +49,14 @@ def encode_messages(model, messages: list[Message], *, template: str | None = No
     contents taken literally; an assistant reply re-uses its generated ids).
 
     model: a :class:`llmsh.loader.LoadedModel`; template: the Jinja chat template (default: the
-    model's own, else :data:`llmsh.template.FALLBACK_TEMPLATE`).
+    model's own).
 
-    Raises TemplateError; InputError when the template rewrites message contents (so markup
+    Raises TemplateError (:class:`llmsh.template.NoChatTemplateError` when there is none); InputError when the template rewrites message contents (so markup
     cannot be told from content) and a content contains special-token text.
     """
     tok = model.tokenizer
     if template is None:
-        from .template import FALLBACK_TEMPLATE
-        template = tok.chat_template or FALLBACK_TEMPLATE
+        template = tok.chat_template    # None: render_chat refuses (NoChatTemplateError)
     text = _render(model, template, messages, add_generation_prompt)
     marked = [Message(m.role, f"\ue000LLMSH{i}\ue001") for i, m in enumerate(messages)]
     parts = _MARK.split(_render(model, template, marked, add_generation_prompt))

@@ -46,10 +46,12 @@ class ChatSession:
         max_tokens: reply length limit (tokens; None: until EOS or the context is full). When old
             exchanges are dropped to fit the context, :attr:`reserve` positions stay free for the reply.
         n_ctx: context size in tokens (default: the model's, capped at DEFAULT_N_CTX_CAP).
-        notice: called with one-line notices (dropped exchanges, template fallback).
+        notice: called with one-line notices (dropped exchanges).
 
     Raises:
         InputError: ``n_ctx`` is not in [1, the model's max_position_embeddings].
+        NoChatTemplateError: the model has no chat template (give one: set
+            ``model.tokenizer.chat_template``, as ``--chat-template`` does).
     """
 
     def __init__(self, model, *, system: str | None = None, params=None, max_tokens: int | None = None,
@@ -73,10 +75,9 @@ class ChatSession:
         self.cache_ids: list[int] = []  # the ids whose keys/values fill cache[:offset]
         self.last_stats = None
         self.template = model.tokenizer.chat_template
-        if self.template is None:
-            from .template import FALLBACK_TEMPLATE
-            self.template = FALLBACK_TEMPLATE
-            self._notice("the model has no chat template; using a plain fallback template")
+        if self.template is None:  # a base model: ChatML it never saw would make it answer garbage
+            from .template import NO_TEMPLATE, NoChatTemplateError
+            raise NoChatTemplateError(f"the model {NO_TEMPLATE}")
         self._generator = None
         self._saved = (None, [])  # what was last saved or loaded: see :attr:`modified`
         # Called with this session after each reply has ended (complete or interrupted, the reply

@@ -18,17 +18,31 @@ from functools import lru_cache
 
 from .errors import TemplateError
 
-#: Fallback for models without a chat template (the caller prints a one-line notice).
-#: It is ChatML (``<|im_start|>role\ncontent<|im_end|>\n``, then ``<|im_start|>assistant\n`` as
-#: the generation prompt): widely understood by instruction-tuned models, and the markers are
-#: ordinary text for a tokenizer that lacks them. The BOS token, when the model has one, is not
-#: written here: ``Tokenizer.encode`` adds it according to ``add_bos``.
-FALLBACK_TEMPLATE = (
+#: ChatML (``<|im_start|>role\ncontent<|im_end|>\n``, then ``<|im_start|>assistant\n`` as the
+#: generation prompt), the built-in ``--chat-template chatml``: widely understood by
+#: instruction-tuned models, and the markers are ordinary text for a tokenizer that lacks them.
+#: Never used unasked: a model without a chat template (a base model) is refused in chat mode,
+#: since ChatML markup it never saw makes it answer in garbage. The BOS token is not written
+#: here: ``Tokenizer.encode`` adds it according to ``add_bos``.
+CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+FALLBACK_TEMPLATE = CHATML_TEMPLATE  # the old name
+
+#: Names ``--chat-template`` takes besides a file (``./chatml`` for a file of that name).
+BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+
+NO_TEMPLATE = "has no chat template (it is a base model?)"
+
+
+class NoChatTemplateError(TemplateError):
+    """Chat mode asked of a model without a chat template. Exit status 2: the fix is an option
+    (``--raw``, ``--chat-template FILE``), as for a usage error."""
+
+    exit_code = 2
 
 
 def _raise_exception(message):
@@ -122,19 +136,19 @@ def render_chat(template: str | None, messages: list[dict], *, add_generation_pr
                 bos_token: str | None = None, eos_token: str | None = None, **extra) -> str:
     """Render ``messages`` ([{"role": str, "content": str}, ...]) with a jinja chat template.
 
-    template: the model's ``chat_template`` string; None uses :data:`FALLBACK_TEMPLATE`.
+    template: the model's ``chat_template`` string (None: NoChatTemplateError, never a guess).
     Variables seen by the template, as transformers passes them: ``messages``,
     ``add_generation_prompt``, ``tools``/``documents`` (None unless given in ``extra``),
     ``bos_token``/``eos_token`` (only when not None) and any ``extra`` keyword (e.g.
     ``unk_token``, ``pad_token``, ``enable_thinking``). Compiled templates are cached by string.
 
-    Raises TemplateError when the template is invalid, calls ``raise_exception`` (e.g. roles not
+    Raises TemplateError when the template is missing or invalid, calls ``raise_exception`` (e.g. roles not
     alternating), or tries something the sandbox forbids.
     """
     import jinja2
 
     if template is None:
-        template = FALLBACK_TEMPLATE
+        raise NoChatTemplateError(f"the model {NO_TEMPLATE}")
     compiled = _compile(template)
     variables = {"tools": None, "documents": None}
     if bos_token is not None:
@@ -158,3 +172,47 @@ def render_chat(template: str | None, messages: list[dict], *, add_generation_pr
         raise TemplateError(f"chat template failed: {e}") from None
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError) as e:
         raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+
+def read_chat_template(source: str) -> str:
+    """The chat template named by ``--chat-template``: a built-in name (:data:`BUILTIN_TEMPLATES`),
+    a Jinja file (``.jinja``, ``.txt``, any name), or a JSON file with a ``chat_template`` key (a
+    ``tokenizer_config.json``; a list of named templates gives its ``default``). The template is
+    compiled here, so a syntax error is reported before any model loads.
+
+    Raises TemplateError naming the file: missing or unreadable, not UTF-8, a JSON file without a
+    usable ``chat_template``, a Jinja syntax error (with its line number).
+    """
+    if source in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[source]
+    try:
+        with open(source, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise TemplateError(f"cannot read the chat template {source}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise TemplateError(f"the chat template {source} is not UTF-8 (byte {e.start})") from None
+    if source.lower().endswith(".json"):
+        text = _from_json(source, text)
+    if not text.strip():
+        raise TemplateError(f"the chat template {source} is empty")
+    try:
+        _compile(text)
+    except TemplateError as e:
+        raise TemplateError(f"{source}: {e}") from None
+    return text
+
+
+def _from_json(source: str, text: str) -> str:
+    try:
+        conf = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TemplateError(f"{source} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    t = conf.get("chat_template") if isinstance(conf, dict) else None
+    if isinstance(t, list):  # named templates: transformers uses "default" when no tools are given
+        t = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}.get("default")
+    if not isinstance(t, str) or not t:
+        raise TemplateError(f"{source} has no \"chat_template\" string")
+    return t

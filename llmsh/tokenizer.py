@@ -53,7 +53,8 @@ class Tokenizer:
     tokenizer's EOS, then config.json's, de-duplicated), ``pad_token_id``, ``unk_token``,
     ``add_bos`` (transformers' decision: tokenizer_config ``add_bos_token``, else whether the
     tokenizer.json post-processor adds BOS, else True for sentencepiece as for Llama),
-    ``add_eos`` (informational only: encode never appends EOS), ``chat_template`` (str or None),
+    ``add_eos`` (informational only: encode never appends EOS), ``chat_template`` (str or None;
+    ``chat_template_source``: the ``--chat-template`` FILE that replaced it, else None),
     ``special_tokens_map`` (name -> token string, as transformers passes to chat templates).
     """
 
@@ -67,6 +68,7 @@ class Tokenizer:
     add_bos: bool = False
     add_eos: bool = False
     chat_template: str | None = None
+    chat_template_source: str | None = None  # --chat-template's FILE when it replaced the model's
 
     @classmethod
     def from_dir(cls, model_dir) -> "Tokenizer":

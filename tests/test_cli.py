@@ -211,12 +211,13 @@ def test_generate_bad_input(chat_model, tmp_path, llmsh_home):
     assert r.exit_code == 2 and "--system" in r.stderr
 
 
-def test_model_from_environment_and_no_template_notice(bos_model, llmsh_home):
+def test_model_from_environment_and_no_template(bos_model, llmsh_home):
     r = ok(["generate", "-n", "2", "--json", "hi"], env={"LLMSH_MODEL": str(bos_model)})
     assert json.loads(r.stdout)["prompt_tokens"] == len(hf_tokenizer(bos_model)("hi").input_ids)
     assert r.stderr == ""  # no template: --raw by default, quietly
-    r = ok(["generate", "--chat", "-n", "2", "hi"], env={"LLMSH_MODEL": str(bos_model)})
-    assert "template" in r.stderr and "template" not in r.stdout
+    # --chat: refused, never ChatML the model never saw (tests/test_chat_template.py)
+    r = run(["generate", "--chat", "-n", "2", "hi"], env={"LLMSH_MODEL": str(bos_model)})
+    one_line_error(r, "has no chat template", "--chat-template FILE", code=2)
 
 
 def test_no_command_with_piped_stdin_generates(chat_model, llmsh_home):

@@ -124,6 +124,33 @@ def test_gemma_token_ids_equal_llamacpp(loaded):
         assert tok.encode(g["prompt"]) == g["prompt_ids"], g["prompt"]
 
 
+def test_gemma_chat_needs_a_template_and_takes_gemma_markup(loaded):
+    from llmsh.cli.common import encode_chat, use_chat_template
+    from llmsh.session import ChatSession
+    from llmsh.template import NoChatTemplateError
+
+    from test_chat_template import GEMMA_TEMPLATE
+
+    lm = loaded(GEMMA)
+    assert lm.tokenizer.chat_template is None      # a base model: refused, not prompted with ChatML
+    with pytest.raises(NoChatTemplateError):
+        ChatSession(lm)
+    before = lm.tokenizer.chat_template, lm.tokenizer.chat_template_source
+    try:
+        use_chat_template(lm, ("gemma.jinja", GEMMA_TEMPLATE))
+        ids = encode_chat(lm, [{"role": "user", "content": "What is the capital of France?"}])
+    finally:
+        lm.tokenizer.chat_template, lm.tokenizer.chat_template_source = before
+    # <bos> <start_of_turn> user \n ... <end_of_turn> \n <start_of_turn> model \n: the markup as specials
+    tok = lm.tokenizer
+    turn, end = (tok.encode(t, add_bos=False, parse_special=True) for t in ("<start_of_turn>", "<end_of_turn>"))
+    assert len(turn) == len(end) == 1
+    nl = tok.encode("\n", add_bos=False)
+    assert ids == ([tok.bos_token_id] + turn + tok.encode("user", add_bos=False) + nl
+                   + tok.encode("What is the capital of France?", add_bos=False) + end + nl
+                   + turn + tok.encode("model", add_bos=False) + nl)
+
+
 def test_gemma_perplexity_within_1_percent_of_llamacpp(loaded):
     ref = reference(REFS[GEMMA])["llamacpp"]["perplexity_c512"]["gpl-3"]
     ppl = _ppl(loaded(GEMMA), ref)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmsh.errors import TemplateError
-from llmsh.template import FALLBACK_TEMPLATE, render_chat
+from llmsh.template import BUILTIN_TEMPLATES, FALLBACK_TEMPLATE, NoChatTemplateError, render_chat
 from tiny_tokenizers import build_bytelevel_dir
 
 transformers = pytest.importorskip("transformers")
@@ -78,10 +78,14 @@ def test_render_matches_transformers(hf_tokenizer, template, conv, gen):
     assert ours == _hf(hf_tokenizer, template, messages, gen)
 
 
-def test_fallback_used_for_none_and_documented():
+def test_no_template_is_refused_and_chatml_is_builtin():
+    # A base model is never prompted with markup it never saw: None is an error, ChatML is asked for.
     messages = CONVERSATIONS["system"]
-    assert render_chat(None, messages) == render_chat(FALLBACK_TEMPLATE, messages)
-    assert render_chat(None, messages).endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(NoChatTemplateError, match="no chat template"):
+        render_chat(None, messages)
+    assert NoChatTemplateError.exit_code == 2
+    chatml = render_chat(BUILTIN_TEMPLATES["chatml"], messages)
+    assert chatml.endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_raise_exception_becomes_template_error(hf_tokenizer):

@@ -240,11 +240,52 @@ def timings(st) -> dict:
 
 
 def encode_chat(lm, messages: list[dict]) -> list[int]:
-    """Token ids of ``messages`` through the model's chat template (or the fallback, with a
-    notice), ready for generation: markup special tokens parsed, message contents taken literally
-    (so typed ``<|im_end|>`` stays text), exactly as ``llmsh chat`` encodes a conversation."""
+    """Token ids of ``messages`` through the model's chat template (or ``--chat-template``'s),
+    ready for generation: markup special tokens parsed, message contents taken literally (so
+    typed ``<|im_end|>`` stays text), exactly as ``llmsh chat`` encodes a conversation.
+    Raises NoChatTemplateError when there is no template (see :func:`require_chat_template`)."""
     from ..session import Message, encode_messages
 
-    if lm.tokenizer.chat_template is None:
-        output.notice("the model has no chat template; using a plain fallback template")
     return encode_messages(lm, [Message(m["role"], m["content"]) for m in messages])
+
+
+def _read_template(ctx, param, value):
+    if value is None:
+        return None
+    from ..errors import TemplateError
+    from ..template import read_chat_template
+
+    try:
+        return value, read_chat_template(arg_text(value, "the --chat-template value"))
+    except TemplateError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def chat_template_option(f):
+    """``--chat-template FILE|chatml``: read and compiled at parse time, so the value the command
+    gets is ``(FILE, template text)`` or None; :func:`use_chat_template` installs it."""
+    return click.option("--chat-template", "chat_template", metavar="FILE", callback=_read_template,
+                        help="Chat template to use instead of the model's, and the way to chat with "
+                             "a model that has none (a base model): a Jinja file, as Hugging Face's "
+                             "chat_template.jinja, or a JSON file with a \"chat_template\" key "
+                             "(tokenizer_config.json); the built-in name chatml is ChatML "
+                             "(./chatml for a file of that name).")(f)
+
+
+def use_chat_template(lm, chat_template) -> None:
+    """Install ``--chat-template``'s ``(FILE, text)`` on ``lm.tokenizer``, replacing the model's
+    template for everything that renders chat (session, generate, server); None leaves it."""
+    if chat_template is not None:
+        lm.tokenizer.chat_template_source, lm.tokenizer.chat_template = chat_template
+
+
+def require_chat_template(lm, model: str | None, hint: str) -> None:
+    """Refuse chat mode for a model without a chat template, in one line naming the model
+    (``model``: the -m value as given; None: the default model's folder) and the way out
+    (``hint``). ChatML it never saw would make a base model answer in garbage.
+
+    Raises NoChatTemplateError (exit status 2)."""
+    from ..template import NO_TEMPLATE, NoChatTemplateError
+
+    if lm.tokenizer.chat_template is None:
+        raise NoChatTemplateError(f"{model or lm.path.name} {NO_TEMPLATE}: {hint}")

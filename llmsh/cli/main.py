@@ -25,9 +25,9 @@ from .. import __version__
 from . import logs, output, ranks
 from .logs import no_log_option
 from .ranks import tp_option
-from .common import (CONTEXT_SETTINGS, arg_text, compile_option, encode_chat, errors_option, load,
-                         model_options, quantize_option, read_prompt, sampling_options, sampling_params,
-                         setup_decoding, stop_option, timings)
+from .common import (CONTEXT_SETTINGS, arg_text, chat_template_option, compile_option, encode_chat,
+                     errors_option, load, model_options, quantize_option, read_prompt, require_chat_template,
+                     sampling_options, sampling_params, setup_decoding, stop_option, timings, use_chat_template)
 from ..errors import InputError, LlmshError
 from .routing import route
 from .client import remote_chat, remote_generate, server_option
@@ -184,6 +184,11 @@ def default_command(has_prompt: bool = False) -> str:
     return "chat" if output.stdin_is_terminal() and not has_prompt else "generate"
 
 
+def _no_template_with_server(chat_template) -> None:
+    if chat_template is not None:    # the server renders chat with its own template
+        raise click.UsageError("--chat-template applies to a local model: give it to 'llmsh serve'")
+
+
 def _write_json(obj) -> None:
     click.echo(json.dumps(obj, ensure_ascii=False, allow_nan=False))
 
@@ -193,7 +198,9 @@ def _write_json(obj) -> None:
 @model_options
 @click.option("--chat/--raw", "chat_mode", default=None,
               help="--chat: the prompt is one user message through the model's chat template "
-                   "(default when the model has one); --raw: continue the prompt as plain text.")
+                   "(default when the model has one, or with --chat-template); --raw: continue the "
+                   "prompt as plain text (the default for a model without one, a base model).")
+@chat_template_option
 @click.option("-s", "--system", metavar="TEXT", help="System message (chat mode).")
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=512, show_default=True, metavar="N",
               help="Most tokens to generate (fewer if the context fills up).")
@@ -223,8 +230,8 @@ def _write_json(obj) -> None:
 @tp_option
 @no_log_option
 @server_option
-def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx, temperature, top_k,
-             top_p, min_p, repetition_penalty, seed, stop, stats, as_json, top_logprobs, errors, quantize,
+def generate(prompt, model, device, dtype, chat_mode, chat_template, system, max_tokens, n_ctx, temperature,
+             top_k, top_p, min_p, repetition_penalty, seed, stop, stats, as_json, top_logprobs, errors, quantize,
              compile_, tp, no_log, server):
     """Generate one reply to PROMPT and stream it to stdout.
 
@@ -232,7 +239,8 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
     first, then a blank line, then the arguments. Sampling defaults come from the model's
     generation_config.json (greedy unless it sets do_sample). Output is plain text when stdout is
     not a terminal and always ends with a newline. "llmsh PROMPT" (no command) is the same as
-    "llmsh generate PROMPT".
+    "llmsh generate PROMPT". A model without a chat template (a base model) continues the prompt
+    (--raw) unless --chat-template gives one; --chat or --system without one is an error.
 
     \b
     Examples:
@@ -249,6 +257,7 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
     if server:      # client mode: no torch, no model here (llmsh/cli/client.py)
         if top_logprobs is not None:
             raise click.UsageError("--top-logprobs is not available with --server yet")
+        _no_template_with_server(chat_template)
         return remote_generate(server, prompt, chat_mode, system, max_tokens, n_ctx, stop, stats, as_json,
                                errors, dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                             repetition_penalty=repetition_penalty, seed=seed))
@@ -263,6 +272,7 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
     from ..session import DEFAULT_N_CTX_CAP
 
     lm = load(model, device, dtype, quantize, tensor_parallel=group)
+    use_chat_template(lm, chat_template)
     tok = lm.tokenizer
     if n_ctx is None:
         n_ctx = min(lm.n_ctx_max, DEFAULT_N_CTX_CAP)
@@ -271,6 +281,7 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
     if chat_mode is None:
         chat_mode = tok.chat_template is not None or system is not None
     if chat_mode:
+        require_chat_template(lm, model, "use --raw, or give one with --chat-template FILE")
         ids = encode_chat(lm, ([{"role": "system", "content": system}] if system else [])
                           + [{"role": "user", "content": text}])
     else:
@@ -367,25 +378,30 @@ def _logprob_entry(tok, row) -> dict:
                    "re-encoded through the model's chat template. Without -m, with its model when "
                    "that folder still exists; --system replaces its system message.")
 @click.option("--cid", metavar="ID", help="Continue the logged conversation ID (or the start of one).")
+@chat_template_option
 @no_log_option
 @errors_option
 @quantize_option
 @compile_option
 @server_option
 def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, top_p, min_p,
-         repetition_penalty, seed, stats, markdown, no_history, continue_, cid, no_log, errors, quantize,
+         repetition_penalty, seed, stats, markdown, no_history, continue_, cid, chat_template, no_log, errors,
+         quantize,
          compile_, server):
     """Chat with a model in the terminal (type /help for commands, Ctrl-D to quit).
 
     The conversation's KV cache is kept across turns, so each turn only processes the new
     tokens. When the conversation outgrows the context, the oldest exchanges are dropped.
     With stdin not a terminal, the whole input is one message and the reply is printed once.
+    A model without a chat template (a base model) is refused: give one with --chat-template
+    FILE, or continue plain text with "llmsh generate --raw".
 
     \b
     Examples:
       llmsh chat
       llmsh chat -m ./my-model --system "You are a pirate." --temperature 0.7
       echo "Tell me a joke." | llmsh chat
+      llmsh chat -m gemma-3-270m --chat-template gemma.jinja
 
     \b
     Slash commands (type /help in the chat):
@@ -422,6 +438,7 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
     if server:      # client mode: no torch, no model here (llmsh/cli/client.py)
         if continue_ or cid:
             raise click.UsageError("-c/--cid continue a logged conversation locally; they do not combine with --server")
+        _no_template_with_server(chat_template)
         return remote_chat(server, system=system, max_tokens=max_tokens, stats=stats, history=not no_history,
                            piped=piped, markdown=markdown, sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                                       min_p=min_p, repetition_penalty=repetition_penalty,
@@ -430,6 +447,8 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
     if resume is not None and model is None and resume.model_path and os.path.isdir(resume.model_path):
         model = resume.model_path  # the conversation's own model, unless -m says otherwise
     lm = load(model, device, dtype, quantize)
+    use_chat_template(lm, chat_template)
+    require_chat_template(lm, model, "use --raw with generate, or give one with --chat-template FILE")
     params = sampling_params(lm.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     setup_decoding(lm, max_tokens, compile_)   # automatic: by the per-reply limit (-n)

@@ -61,7 +61,8 @@ def context_text(session: ChatSession) -> str:
 def _show(session: ChatSession) -> str:
     m = session.model
     params = ", ".join(f"{k}={v}" for k, v in vars(session.params).items())
-    template = (m.tokenizer.chat_template and "the model's chat template") or "fallback template"
+    src = getattr(m.tokenizer, "chat_template_source", None)   # a client's stand-in has none
+    template = f"--chat-template {src}" if src else "the model's chat template"
     first = session.template.strip().splitlines()[0][:72] if session.template.strip() else ""
     lines = [
         f"model: {m.path} ({m.config.model_type}, {m.device}, {str(m.dtype).replace('torch.', '')})",

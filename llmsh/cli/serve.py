@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from . import output
-from .common import CONTEXT_SETTINGS, load, model_options, quantize_option
+from .common import CONTEXT_SETTINGS, chat_template_option, load, model_options, quantize_option, use_chat_template
 from ..errors import InputError
 
 
@@ -25,8 +25,9 @@ from ..errors import InputError
               help="Context (KV cache) length in tokens: prompt plus reply must fit "
                    "[default: the model's, capped at 8192].")
 @click.option("--access-log", is_flag=True, help="Log one line per request to stderr.")
+@chat_template_option
 @quantize_option
-def serve(model, device, dtype, host, port, api_key, max_queue, n_ctx, access_log, quantize):
+def serve(model, device, dtype, host, port, api_key, max_queue, n_ctx, access_log, chat_template, quantize):
     """Serve the model over HTTP until Ctrl-C or SIGTERM.
 
     The model is loaded once and answers requests one at a time, in order, from a queue of at
@@ -35,7 +36,8 @@ def serve(model, device, dtype, host, port, api_key, max_queue, n_ctx, access_lo
     its new tokens. Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions,
     POST /v1/completions (echo and logprobs score a prompt's own tokens), POST /tokenize,
     POST /detokenize, POST /perplexity. Sampling fields a request leaves out take the model's
-    defaults (generation_config.json), as the other commands do.
+    defaults (generation_config.json), as the other commands do. For a model without a chat
+    template (a base model), /v1/chat/completions answers 400 unless --chat-template gives one.
 
     \b
     Examples:
@@ -55,6 +57,7 @@ def serve(model, device, dtype, host, port, api_key, max_queue, n_ctx, access_lo
     sock = bind(host, port)       # a busy port fails now, not after the model has loaded
     try:
         lm = load(model, device, dtype, quantize)
+        use_chat_template(lm, chat_template)
         if n_ctx is not None and n_ctx > lm.n_ctx_max:
             raise InputError(f"--n-ctx {n_ctx} is larger than the model's context ({lm.n_ctx_max} tokens)")
     except BaseException:

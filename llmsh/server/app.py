@@ -256,6 +256,9 @@ class API:
         req = await read_body(request, schemas.ChatRequest, self.max_body)
         from ..messages import Message, encode_messages
 
+        if self.tok.chat_template is None:
+            raise APIError(400, "the model has no chat template (it is a base model?): use /v1/completions, "
+                                "or start llmsh serve with --chat-template FILE", param="messages")
         msgs = [Message("system" if m.role == "developer" else m.role, m.text()) for m in req.messages]
         ids = await self._encode(lambda: encode_messages(self.lm, msgs))
         if not ids:
