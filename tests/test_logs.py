@@ -153,22 +153,25 @@ def test_interrupted_write_rolls_back(log):
 
 
 _WRITER = """
-import sys, time
+import os, sys, time
 from llmsh.logstore import Exchange, LogStore
-time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both start together
+# A barrier, not a clock: on a loaded machine one interpreter may start seconds after the other.
+barrier = sys.argv[2]
+open(os.path.join(barrier, sys.argv[1]), "w").close()
+while len(os.listdir(barrier)) < 2:
+    time.sleep(0.001)
 with LogStore.open() as s:
     for i in range(300):
         s.record(Exchange(sys.argv[1], "chat", f"prompt {i}", f"reply {i}"))
 """
 
 
-def test_two_processes_log_at_once(log):
-    import time
-
+def test_two_processes_log_at_once(log, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     # Both create the (missing) database and then write, at the same time.
-    start = str(time.time() + 2)
-    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, cid, start], env=env,
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, cid, str(barrier)], env=env,
                               stderr=subprocess.PIPE, text=True) for cid in ("a", "b")]
     for p in procs:
         _, err = p.communicate(timeout=120)
