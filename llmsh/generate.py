@@ -202,7 +202,8 @@ def generate_text(decoder, tokenizer, prompt_ids: Sequence[int], cache, params: 
     """Stream the text of :func:`generate_tokens` in pieces, ending at EOS or a stop string.
 
     Text comes from ``tokenizer.stream_decoder(skip_special=...)`` so joined pieces equal the
-    decode of the generated ids. A stop string is found even when it spans several tokens; neither
+    decode of the generated ids, less an incomplete character at the very end (a length limit
+    that cuts a multi-byte character: its ids stay in ``stats.token_ids``). A stop string is found even when it spans several tokens; neither
     it nor anything after it is emitted (finish_reason "stop"), and text that could still turn into
     a stop string is held back until it cannot. eos_ids default: ``tokenizer.eos_token_ids``.
     ``stats.token_ids`` keeps every generated id, including those of the stop string.
@@ -237,7 +238,7 @@ def generate_text(decoder, tokenizer, prompt_ids: Sequence[int], cache, params: 
                 out, pending = pending, ""
             if out:
                 yield out
-        pending += stream.flush()
+        pending += stream.flush(complete=True)   # no U+FFFD for a character cut at the end
         cut = _find_stop(pending, stops) if stops else None
         if cut is not None:
             pending = pending[:cut]

@@ -159,6 +159,7 @@ class ChatSession:
         """
         from .generate import GenerationStats, generate_tokens
         from .sampling import make_generator
+        from .stream_decoder import complete_decode
 
         reuse = min(common_prefix(self.cache_ids, ids), len(ids) - 1)
         self.cache.trim(min(reuse, self.cache.offset))
@@ -184,7 +185,7 @@ class ChatSession:
                 if piece:
                     pieces.append(piece)
                     yield piece
-            piece = decoder.flush()
+            piece = decoder.flush(complete=True)  # a character cut by the length limit is not text
             if piece:
                 pieces.append(piece)
                 yield piece
@@ -198,7 +199,8 @@ class ChatSession:
             if not done:
                 stats.finish_reason = "interrupted"
             if done or reply_ids:
-                content = "".join(pieces) if done else tok.decode(reply_ids, skip_special=True)
+                content = "".join(pieces) if done else complete_decode(
+                    lambda i: tok.decode(i, skip_special=True), reply_ids)
                 self.messages.append(Message("assistant", content, interrupted=not done, ids=reply_ids))
             else:
                 on_nothing()

@@ -138,3 +138,17 @@ def test_default_model_answers(env):
     assert b"Paris" in r.stdout and r.stdout.endswith(b"\n")
     r = llmsh(["generate", "-n", "40"], input=b"Name three colors.\n", env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+@pytest.mark.default_model
+def test_a_character_cut_by_the_length_limit_is_not_printed(env):
+    """Issue 9 item 8: two tokens of a Chinese continuation end inside a character; neither
+    stdout nor --json text shows U+FFFD, and --json tokens keep both ids."""
+    env = dict(env, LLMSH_HOME=str(DEFAULT_MODEL_HOME))
+    args = ["generate", "--raw", "-n", "2", "中文：人工智能是"]
+    r = llmsh(args, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "\ufffd" not in r.stdout.decode("utf-8") and r.stdout.strip()
+    r = llmsh(args + ["--json"], env=env, timeout=600)
+    obj = json.loads(r.stdout)
+    assert "\ufffd" not in obj["text"] and len(obj["tokens"]) == 2 and obj["finish_reason"] == "length"

@@ -204,7 +204,7 @@ class DelayedTokenizer:
                 out, self.held = (tok.pieces[self.held] if self.held is not None else ""), i
                 return out
 
-            def flush(self):
+            def flush(self, complete=False):
                 out, self.held = (tok.pieces[self.held] if self.held is not None else ""), None
                 return out
 
