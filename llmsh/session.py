@@ -78,6 +78,8 @@ class ChatSession:
             self.template = FALLBACK_TEMPLATE
             self._notice("the model has no chat template; using a plain fallback template")
         self._generator = None
+        self.context_full = False  # the last reply stopped because the context was full
+        self.last_interrupt: str | None = None  # what Ctrl-C left of the last reply: see _stream
         self._saved = (None, [])  # what was last saved or loaded: see :attr:`modified`
 
     # --- conversation editing -------------------------------------------------------------------
@@ -131,31 +133,36 @@ class ChatSession:
         if not text or not text.strip():
             raise InputError("empty message")
         self.messages.append(Message("user", text))
-        return self._reply(on_nothing=self.messages.pop)
+        return self._reply(on_nothing=self.messages.pop, nothing="message dropped")
 
     def regen(self) -> Iterator[str]:
         """Drop the last reply and stream a new one. Raises InputError when there is none."""
         if not self.messages or self.messages[-1].role != "assistant":
             raise InputError("nothing to regenerate: the conversation has no reply yet")
         old = self.messages.pop()
-        return self._reply(on_nothing=lambda: self.messages.append(old))
+        return self._reply(on_nothing=lambda: self.messages.append(old), nothing="previous reply kept")
 
-    def _reply(self, on_nothing: Callable[[], object]) -> Iterator[str]:
+    def _reply(self, on_nothing: Callable[[], object], nothing: str) -> Iterator[str]:
         # Fitting happens before the generator starts so that InputError is raised by send().
+        self.last_interrupt = None
+        self.context_full = False
         try:
             ids = self._fit()
         except BaseException:
             on_nothing()
             raise
-        return self._stream(ids, on_nothing)
+        return self._stream(ids, on_nothing, nothing)
 
-    def _stream(self, ids: list[int], on_nothing) -> Iterator[str]:
+    def _stream(self, ids: list[int], on_nothing, nothing: str) -> Iterator[str]:
         """Generate the reply to ``ids`` (the full prompt) reusing the cache.
 
         KeyboardInterrupt while generating (or ``close()`` of this iterator) stops the reply: the
-        partial reply is kept with ``interrupted=True`` (or, if nothing was generated yet, the
-        conversation is left as it was), the cache is trimmed to what is valid, and the
-        KeyboardInterrupt propagates.
+        partial reply is kept with ``interrupted=True`` (:attr:`last_interrupt` "partial reply
+        kept"), or, if nothing was generated yet, the conversation is left as it was before the
+        call (``nothing``: "message dropped" for :meth:`send`, "previous reply kept" for
+        :meth:`regen`); the cache is trimmed to what is valid, and the KeyboardInterrupt
+        propagates. A reply that ran out of context positions (not of ``max_tokens``) sets
+        :attr:`context_full`.
         """
         from .generate import GenerationStats, generate_tokens
         from .sampling import make_generator
@@ -198,12 +205,17 @@ class ChatSession:
             self.cache_ids = full[: self.cache.offset]
             if not done:
                 stats.finish_reason = "interrupted"
+            elif stats.finish_reason == "length" and len(full) >= self.n_ctx:
+                self.context_full = True
             if done or reply_ids:
                 content = "".join(pieces) if done else complete_decode(
                     lambda i: tok.decode(i, skip_special=True), reply_ids)
                 self.messages.append(Message("assistant", content, interrupted=not done, ids=reply_ids))
+                if not done:
+                    self.last_interrupt = "partial reply kept"
             else:
                 on_nothing()
+                self.last_interrupt = nothing
 
     # --- encoding and context -------------------------------------------------------------------
 

@@ -384,3 +384,47 @@ def test_chat_with_stdout_piped_keeps_the_prompt_on_the_terminal(chat_model, tmp
     reply = saved(f)[1]["content"]
     assert out == (reply + "\n" if reply else "")
     assert "\x1b" not in out and ">>>" not in out and "\r" not in out
+
+
+def test_double_slash_sends_a_message_that_starts_with_a_slash(lm, tmp_path):
+    # issue 9 item 10: "/usr/bin is what?" is not a command; "//" escapes it, as /help says.
+    f = tmp_path / "c.json"
+    rc, out, err = drive(lm, f"/usr/bin is what?\n//usr/bin is what?\n/help\n/save {f}\n/exit\n")
+    assert rc == 0
+    assert "unknown command /usr/bin" in err and "type it as //usr/bin is what?" in err
+    assert [m["content"] for m in saved(f) if m["role"] == "user"] == ["/usr/bin is what?"]
+    assert "//usr/bin is what?" in err.split("/help", 1)[1]  # documented in /help
+
+
+def _interrupt_before_the_first_token(monkeypatch):
+    import llmsh.generate as g
+
+    def fake(*a, **kw):  # Ctrl-C during the prefill: no token yet
+        raise KeyboardInterrupt
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(g, "generate_tokens", fake)
+
+
+def test_ctrl_c_before_the_first_token_says_what_happened(lm, tmp_path, monkeypatch):
+    # issue 9 item 9: nothing was generated, so nothing "partial" is kept; the message is dropped
+    # and the marker says so (the prompt history still has it).
+    f = tmp_path / "c.json"
+    rc, out, err = drive(lm, f"one\n/regen\n/save {f}\n/exit\n")  # a reply to regenerate first
+    assert saved(f)[0]["content"] == "one" and len(saved(f)) == 2
+    _interrupt_before_the_first_token(monkeypatch)
+    g = tmp_path / "g.json"
+    rc, out, err = drive(lm, f"/load! {f}\ntwo\n/regen\n/save! {g}\n/exit\n")
+    assert rc == 0 and "partial reply is kept" not in err
+    assert "[interrupted before the reply began: your message was not kept; press Up to recall it]" in err
+    assert "[interrupted before the new reply began: the previous reply is kept]" in err
+    assert saved(g) == saved(f)  # "two" dropped, the old reply kept
+
+
+def test_a_reply_cut_by_a_full_context_says_so(lm, monkeypatch):
+    # issue 9 item 7: a marker as Ctrl-C's, naming what would change it; a max_tokens cut has none.
+    monkeypatch.setattr(lm.tokenizer, "eos_token_ids", [])  # the reply runs until it is cut
+    rc, out, err = drive(lm, "hello\n/exit\n", n_ctx=48, max_tokens=None)
+    assert rc == 0 and "[context full: 48 tokens; raise --n-ctx or /clear]" in err
+    rc, out, err = drive(lm, "hello\n/exit\n", n_ctx=48, max_tokens=3)
+    assert rc == 0 and "context full" not in err

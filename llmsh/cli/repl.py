@@ -21,7 +21,7 @@ from .repl_output import Printer, print_reply, stats_line
 from ..session import ChatSession
 
 # Re-exported: the CLI and tests import these from here.
-__all__ = ["run_chat", "read_message", "history_path", "COMMANDS", "ALIASES", "FORCED", "PARAMS",
+__all__ = ["run_chat", "read_message", "split_command", "history_path", "COMMANDS", "ALIASES", "FORCED", "PARAMS",
            "EXIT_HINT", "context_text", "preview", "stats_line"]
 
 EXIT_HINT = "(to leave, type /exit or press Ctrl-D)"
@@ -129,6 +129,18 @@ def read_message(prompt, notice=None) -> str:
     return "\n".join(lines)
 
 
+def split_command(text: str) -> tuple[str | None, str]:
+    """(slash command, None) or (None, message) for one input: a single line starting with ``/``
+    is a command, except that ``//`` escapes it (``//usr/bin is what?`` sends ``/usr/bin is
+    what?``); anything else, multi-line input included, is a message."""
+    stripped = text.strip()
+    if stripped.startswith("//"):
+        return None, text.lstrip()[1:]
+    if stripped.startswith("/") and "\n" not in stripped:
+        return text, ""
+    return None, text
+
+
 def run_chat(model, *, system: str | None = None, params=None, max_tokens: int | None = None,
              n_ctx: int | None = None, stats: bool = False, history: bool | str | Path = True,
              input=None, output=None, stdin=None, stdout=None, stderr=None,
@@ -230,11 +242,12 @@ def _prompt_loop(session: ChatSession, p: Printer, stats: bool, history, input, 
         if not text.strip():
             continue
         try:
-            if text.lstrip().startswith("/") and "\n" not in text.strip():
-                if commands.run(text):
+            command, message = split_command(text)
+            if command is not None:
+                if commands.run(command):
                     break
             else:
-                print_reply(session, session.send(text), p, state["stats"])
+                print_reply(session, session.send(message), p, state["stats"])
         except LlmshError as e:
             p.error(str(e))
         except KeyboardInterrupt:
