@@ -281,7 +281,7 @@ class Terminal:
     """A subprocess of ``llmsh chat`` with a pseudo-terminal as its controlling terminal, on stdin
     and stderr (and stdout, unless ``stdout`` is given, e.g. subprocess.PIPE)."""
 
-    def __init__(self, args, env, stdout=None):
+    def __init__(self, args, env, stdout=None, program=None):
         import pty
         import subprocess
 
@@ -295,7 +295,7 @@ class Terminal:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmsh.cli", *args], stdin=child,
+            [*(program or [sys.executable, "-m", "llmsh.cli"]), *args], stdin=child,
             stdout=child if stdout is None else stdout, stderr=child, env=env,
             cwd=Path(__file__).parents[1], close_fds=True, preexec_fn=controlling_terminal)
         os.close(child)
@@ -428,3 +428,85 @@ def test_a_reply_cut_by_a_full_context_says_so(lm, monkeypatch):
     assert rc == 0 and "[context full: 48 tokens; raise --n-ctx or /clear]" in err
     rc, out, err = drive(lm, "hello\n/exit\n", n_ctx=48, max_tokens=3)
     assert rc == 0 and "context full" not in err
+
+
+def drive_slowly(lm, chunks, pause=0.7, **kw) -> tuple[int, str, str]:
+    """As :func:`drive`, typing ``chunks`` one by one with a pause before each: keys that recall
+    history need the prompt (and its history, loaded in the background) to be there first."""
+    import threading
+    import time
+
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    out, err = io.StringIO(), io.StringIO()
+    kw.setdefault("params", GREEDY)
+    kw.setdefault("max_tokens", 3)
+    with create_pipe_input() as inp:
+        def feed():
+            for c in chunks:
+                time.sleep(pause)
+                inp.send_text(c)
+        threading.Thread(target=feed, daemon=True).start()
+        rc = run_chat(lm, input=inp, output=DummyOutput(), stdout=out, stderr=err, **kw)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_a_multiline_message_is_one_history_entry(lm, tmp_path):
+    # issue 9 item 11: Up recalls the whole message, not its last line; the file keeps it whole.
+    from prompt_toolkit.history import FileHistory
+
+    f, h = tmp_path / "c.json", tmp_path / "chat_history"
+    rc, out, err = drive_slowly(lm, ['line1 \\\nline2\n', '"""\na\nb\n"""\n', "\x1b[A", "\n",
+                                     f"/save {f}\n/exit\n"], history=h)
+    assert rc == 0
+    users = [m["content"] for m in saved(f) if m["role"] == "user"]
+    assert users == ["line1 \nline2", "a\nb", "a\nb"]  # Up, Enter: the last message again
+    entries = list(FileHistory(str(h)).load_history_strings())[::-1]  # oldest first
+    assert entries == ["line1 \nline2", "a\nb", f"/save {f}", "/exit"]  # no repeat stored
+
+
+# llmsh with a slow reply: each reply waits 2 s before its first token and 0.1 s per token, so
+# that keys can be typed while it "streams".
+SLOW_REPLY = """
+import sys, time
+import llmsh.generate as g
+real = g.generate_tokens
+def slow(*a, **kw):
+    time.sleep(2)
+    for t in real(*a, **kw):
+        time.sleep(0.1)
+        yield t
+g.generate_tokens = slow
+from llmsh.cli.main import main
+sys.argv[0] = "llmsh"
+main()
+"""
+
+
+@needs_pty
+def test_keys_typed_during_a_reply_are_not_echoed_nor_sent(chat_model, tmp_path):  # noqa: F811
+    """Issue 9 item 11: on a real terminal, keys typed while a reply streams do not appear in it,
+    and they are dropped rather than sent at the next prompt."""
+    import time
+
+    f = tmp_path / "c.json"
+    t = Terminal(["chat", "-m", str(chat_model), "--temperature", "0", "-n", "5", "--stats"],
+                 _env(tmp_path), program=[sys.executable, "-c", SLOW_REPLY])
+    try:
+        t.wait_for(b">>>")
+        t.type(b"hello\r")
+        t.wait_for(b"hello")
+        time.sleep(0.5)
+        t.type(b"zzzz\r")  # while the reply is on its way
+        t.wait_for(b"tokens/s")  # the statistics line: the reply is over
+        t.wait_for(b">>>", t.seen.count(b">>>") + 1)  # the next prompt
+        time.sleep(0.5)
+        t.type(f"/save {f}\r".encode())
+        t.wait_for(b"saved to")
+        t.type(b"/exit\r")
+        assert t.proc.wait(timeout=60) == 0
+    finally:
+        t.close()
+    assert b"zzzz" not in t.seen
+    assert [m["content"] for m in saved(f) if m["role"] == "user"] == ["hello"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import InputError, LlmshError
 from .repl_commands import ALIASES, COMMANDS, FORCED, PARAMS, SlashCommands, context_text, preview
 from .repl_output import Printer, print_reply, stats_line
+from .typeahead import hidden_typeahead
 from ..session import ChatSession
 
 # Re-exported: the CLI and tests import these from here.
@@ -42,6 +43,32 @@ def _open_history(path: Path):
     os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
     os.chmod(path, 0o600)
     return FileHistory(str(path))
+
+
+def _message_history(inner):
+    """A prompt-toolkit History over ``inner`` that stores whole messages, not lines.
+
+    prompt-toolkit adds every accepted line, so a message typed over several lines (``\\`` or
+    ``\"\"\"``) would be recalled line by line; here those per-line additions are ignored and the
+    REPL adds each message once it is complete (:meth:`add_message`), so Up recalls it whole."""
+    from prompt_toolkit.history import History
+
+    class MessageHistory(History):
+        def load_history_strings(self):
+            return inner.load_history_strings()
+
+        def store_string(self, string: str) -> None:
+            inner.store_string(string)
+
+        def append_string(self, string: str) -> None:
+            pass  # one line of a message: see add_message
+
+        def add_message(self, text: str) -> None:
+            strings = self.get_strings()
+            if not strings or strings[-1] != text:  # as prompt-toolkit: no immediate repeats
+                History.append_string(self, text)
+
+    return MessageHistory()
 
 
 def _completer():
@@ -226,8 +253,10 @@ def _prompt_loop(session: ChatSession, p: Printer, stats: bool, history, input, 
             hist = _open_history(path)
         except OSError as e:
             p.notice(f"history disabled: cannot open {path}: {e.strerror or e}")
+    hist = _message_history(hist)
     ps = PromptSession(history=hist, completer=_completer(), complete_while_typing=False,
                        key_bindings=_key_bindings(), input=input, output=output)
+    keys = sys.stdin if input is None else None  # the terminal prompt-toolkit reads
     state = {"stats": stats}
     commands = SlashCommands(session, p, state)
     p.info(f"llmsh chat with {session.model.path.name}: /help for commands, Ctrl-D to leave")
@@ -241,13 +270,15 @@ def _prompt_loop(session: ChatSession, p: Printer, stats: bool, history, input, 
             break
         if not text.strip():
             continue
+        hist.add_message(text)
         try:
-            command, message = split_command(text)
-            if command is not None:
-                if commands.run(command):
-                    break
-            else:
-                print_reply(session, session.send(message), p, state["stats"])
+            with hidden_typeahead(keys):  # keys typed during a reply neither echo nor stay
+                command, message = split_command(text)
+                if command is not None:
+                    if commands.run(command):
+                        break
+                else:
+                    print_reply(session, session.send(message), p, state["stats"])
         except LlmshError as e:
             p.error(str(e))
         except KeyboardInterrupt:
