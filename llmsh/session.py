@@ -42,7 +42,9 @@ class ChatSession:
     Args:
         system: the system message (kept apart from ``messages``; never dropped on overflow).
         params: :class:`llmsh.sampling.SamplingParams`; a seed seeds one generator for the whole
-            session, so the same inputs in the same order give the same replies.
+            session, so the same inputs in the same order give the same replies. Without a seed
+            the session chooses one (:func:`llmsh.sampling.random_seed`, in :attr:`params`);
+            ``set_params(seed=None)`` then makes it unseeded.
         max_tokens: reply length limit (tokens; None: until EOS or the context is full). When old
             exchanges are dropped to fit the context, :attr:`reserve` positions stay free for the reply.
         n_ctx: context size in tokens (default: the model's, capped at DEFAULT_N_CTX_CAP).
@@ -59,6 +61,9 @@ class ChatSession:
         self.model = model
         self.system = system or None
         self.params = params if params is not None else SamplingParams()
+        if self.params.seed is None:  # one seed per session, shown by /show: a chat can be replayed
+            from .sampling import random_seed
+            self.params = replace(self.params, seed=random_seed())
         self.max_tokens = None if max_tokens is None else int(max_tokens)
         limit = int(model.config.max_position_embeddings)
         self.n_ctx = int(n_ctx) if n_ctx is not None else min(limit, DEFAULT_N_CTX_CAP)

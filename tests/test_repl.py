@@ -510,3 +510,14 @@ def test_keys_typed_during_a_reply_are_not_echoed_nor_sent(chat_model, tmp_path)
         t.close()
     assert b"zzzz" not in t.seen
     assert [m["content"] for m in saved(f) if m["role"] == "user"] == ["hello"]
+
+
+def test_a_session_without_a_seed_chooses_one_and_shows_it(lm):
+    # issue 9 item 6: /show tells the seed, so `llmsh chat --seed N` can replay the chat.
+    import re
+
+    rc, out, err = drive(lm, "/show\n/exit\n", params=SamplingParams())
+    seed = re.search(r"seed=(\d+)", err)
+    assert rc == 0 and seed, err
+    rc, out, err = drive(lm, "/set seed none\n/show\n/exit\n", params=SamplingParams())
+    assert "seed=None" in err

@@ -175,7 +175,8 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
     """Run ``llmsh chat`` on ``model`` (a LoadedModel); return the exit status (0).
 
     Args:
-        system, params (SamplingParams; default from the model's generation_config), max_tokens,
+        system, params (SamplingParams; default: :func:`llmsh.sampling.chat_params` of the
+            model's generation_config), max_tokens,
             n_ctx: see :class:`ChatSession`.
         stats: print a statistics line after each reply.
         history: True: the history file of :func:`history_path`; a path: that file; False: none.
@@ -193,9 +194,9 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
     stdin = stdin if stdin is not None else sys.stdin
     p = Printer(stdout if stdout is not None else sys.stdout, stderr if stderr is not None else sys.stderr)
     if params is None:
-        from ..sampling import SamplingParams
+        from ..sampling import chat_params
 
-        params = SamplingParams.from_generation_config(model.generation_config)
+        params = chat_params(model.generation_config)
     session = ChatSession(model, system=system, params=params, max_tokens=max_tokens, n_ctx=n_ctx,
                           notice=p.notice)
     if interactive is None:
