@@ -49,13 +49,16 @@ class ChatSession:
             exchanges are dropped to fit the context, :attr:`reserve` positions stay free for the reply.
         n_ctx: context size in tokens (default: the model's, capped at DEFAULT_N_CTX_CAP).
         notice: called with one-line notices (dropped exchanges, template fallback).
+        on_prefill(done, total): progress of each turn's prefill (tokens; see
+            :func:`llmsh.generate.prefill`).
 
     Raises:
         InputError: ``n_ctx`` is not in [1, the model's max_position_embeddings].
     """
 
     def __init__(self, model, *, system: str | None = None, params=None, max_tokens: int | None = None,
-                 n_ctx: int | None = None, notice: Callable[[str], None] | None = None):
+                 n_ctx: int | None = None, notice: Callable[[str], None] | None = None,
+                 on_prefill: Callable[[int, int], None] | None = None):
         from .sampling import SamplingParams
 
         self.model = model
@@ -73,6 +76,7 @@ class ChatSession:
             raise InputError(f"--n-ctx {self.n_ctx} must be at least 1")
         self.notices: list[str] = []
         self._notice = notice or self.notices.append
+        self.on_prefill = on_prefill
         self.messages: list[Message] = []
         self.cache = model.decoder.new_cache(self.n_ctx)
         self.cache_ids: list[int] = []  # the ids whose keys/values fill cache[:offset]
@@ -185,7 +189,8 @@ class ChatSession:
         tok = self.model.tokenizer
         tokens = generate_tokens(self.model.decoder, ids[reuse:], self.cache, self.params,
                                  max_new_tokens=max_new, eos_ids=tok.eos_token_ids, stats=stats,
-                                 context_ids=ids[:reuse], generator=self._generator)
+                                 context_ids=ids[:reuse], generator=self._generator,
+                                 on_prefill=self.on_prefill)
         decoder = tok.stream_decoder(skip_special=True)
         reply_ids: list[int] = []
         pieces: list[str] = []

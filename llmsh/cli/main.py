@@ -281,10 +281,14 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
     cache = lm.decoder.new_cache(min(n_ctx, len(ids) + max_tokens))   # the decoder's own shape (a TP rank: its heads)
     setup_decoding(lm, min(max_tokens, cache.max_seq_len - len(ids)), compile_)
     st = GenerationStats()
+    bar = output.PrefillProgress()  # a long prompt's prefill on a terminal's stderr
     pieces = generate_text(lm.decoder, tok, ids, cache, params, max_new_tokens=max_tokens,
-                           stop_strings=list(stop), eos_ids=lm.eos_ids, stats=st)
+                           stop_strings=list(stop), eos_ids=lm.eos_ids, stats=st, on_prefill=bar)
     if as_json:
-        reply = "".join(pieces)
+        try:
+            reply = "".join(pieces)
+        finally:
+            bar.close()
         _write_json({"text": reply, "tokens": st.token_ids, "finish_reason": st.finish_reason,
                      "prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens,
                      "n_ctx": n_ctx, "timings": timings(st)})
@@ -294,6 +298,7 @@ def generate(prompt, model, device, dtype, chat_mode, system, max_tokens, n_ctx,
             for piece in pieces:
                 out.write(piece)
         finally:
+            bar.close()
             out.finish()
     if stats:
         output.notice(output.stats_line(st, context_used=cache.offset, n_ctx=n_ctx))

@@ -197,8 +197,10 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
         from ..sampling import chat_params
 
         params = chat_params(model.generation_config)
+    from .output import PrefillProgress
+
     session = ChatSession(model, system=system, params=params, max_tokens=max_tokens, n_ctx=n_ctx,
-                          notice=p.notice)
+                          notice=p.notice, on_prefill=PrefillProgress(p.err))
     if interactive is None:
         interactive = input is not None or is_terminal(stdin)
     if not interactive:

@@ -70,6 +70,8 @@ def print_reply(session: ChatSession, reply, p: Printer, show_stats: bool, *, in
             last = piece[-1]
     except KeyboardInterrupt:
         reply.close()
+        if hasattr(session.on_prefill, "close"):  # Ctrl-C during the prefill: remove its bar
+            session.on_prefill.close()
         if last != "\n":
             p.piece("\n")
         if not interactive:
