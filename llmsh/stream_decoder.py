@@ -94,18 +94,26 @@ class DecodeStreamAdapter(StreamDecoder):
         return out
 
 
+# The most tokens an incomplete character can span: 3 of its at most 4 UTF-8 bytes.
+MAX_INCOMPLETE_TOKENS = 3
+
+
 def complete_decode(decode, ids, *, keep: int = 0) -> str:
     """``decode(ids)`` without an incomplete character at the end: the decode of the longest
-    prefix of ``ids`` (at least ``keep`` long) whose text does not end in U+FFFD.
+    prefix of ``ids``, at most :data:`MAX_INCOMPLETE_TOKENS` shorter (and at least ``keep`` long),
+    whose text does not end in U+FFFD; ``decode(ids)`` itself when there is none (bytes that are
+    invalid, not incomplete: they stay visible as U+FFFD).
 
     A reply cut by a length limit or Ctrl-C can stop inside a multi-byte character (one byte of
     three); its decode ends in U+FFFD, which is not text the model wrote. The ids themselves stay
     the caller's (``--json`` tokens keep them). A U+FFFD earlier in the text is left alone.
     """
     ids = list(ids)
-    k = len(ids)
-    text = decode(ids[:k])
-    while k > keep and text.endswith("\ufffd"):
-        k -= 1
+    full = decode(ids)
+    if not full.endswith("\ufffd"):
+        return full
+    for k in range(len(ids) - 1, max(keep, len(ids) - MAX_INCOMPLETE_TOKENS) - 1, -1):
         text = decode(ids[:k])
-    return text
+        if not text.endswith("\ufffd"):
+            return text
+    return full
