@@ -25,6 +25,7 @@ from ..session import ChatSession
 __all__ = ["run_chat", "read_message", "split_command", "history_path", "COMMANDS", "ALIASES", "FORCED", "PARAMS",
            "EXIT_HINT", "context_text", "preview", "stats_line"]
 
+REPLYING_COMMANDS = ("/regen", "/read")  # the slash commands that stream a reply
 EXIT_HINT = "(to leave, type /exit or press Ctrl-D)"
 
 
@@ -274,9 +275,11 @@ def _prompt_loop(session: ChatSession, p: Printer, stats: bool, history, input, 
         if not text.strip():
             continue
         hist.add_message(text)
+        command, message = split_command(text)
+        # Keys typed during a reply do not echo into it (they reach the next prompt instead).
+        replies = command is None or command.split()[0].lower() in REPLYING_COMMANDS
         try:
-            with hidden_typeahead(keys):  # keys typed during a reply neither echo nor stay
-                command, message = split_command(text)
+            with hidden_typeahead(keys if replies else None):
                 if command is not None:
                     if commands.run(command):
                         break

@@ -110,7 +110,8 @@ class SlashCommands:
                     "Ctrl-D on a continuation line ends the input and sends what was typed.\n"
                     "A message that starts with / is sent by typing // for it: //usr/bin is what? "
                     "sends '/usr/bin is what?'.\n"
-                    "Ctrl-C stops a reply (or discards the line being typed); Ctrl-D at the prompt "
+                    "Ctrl-C stops a reply (or discards the line being typed); keys typed during a "
+                    "reply are not shown in it but wait for the next prompt; Ctrl-D at the prompt "
                     "or /exit leaves.", "")
 
     def do_exit(self, arg):
