@@ -224,6 +224,8 @@ class PrefillProgress:
         self._bar.update(self._task, completed=done, total=total)
         if done >= total:
             self.close()
+        else:
+            self._bar.refresh()  # one chunk is seconds: show it now, not at the next tick
 
     def close(self) -> None:
         if self._bar is not None:
