@@ -69,11 +69,14 @@ def _device_of(decoder) -> torch.device:
 
 
 @torch.no_grad()
-def prefill(decoder, ids: Sequence[int] | Tensor, cache, chunk_size: int = 512) -> Tensor:
+def prefill(decoder, ids: Sequence[int] | Tensor, cache, chunk_size: int = 512,
+            on_progress: Callable[[int, int], None] | None = None) -> Tensor:
     """Feed ``ids`` into ``cache`` after its current offset, ``chunk_size`` tokens per forward pass.
 
     Returns the float32 logits of the last position, shape (V,). Each chunk asks the decoder for
     its last position only, so memory is bounded by the chunk size, not the prompt length.
+    on_progress(done, total): called with (0, n) before the first chunk and after each chunk
+    with the tokens prefilled so far (a long prompt takes seconds to minutes on a CPU).
     Raises InputError if ``ids`` is empty or does not fit in the cache's free positions.
     """
     n = len(ids)
@@ -88,8 +91,12 @@ def prefill(decoder, ids: Sequence[int] | Tensor, cache, chunk_size: int = 512) 
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     tokens = torch.as_tensor(ids, dtype=torch.long, device=_device_of(decoder)).reshape(1, n)
     logits = None
+    if on_progress is not None:
+        on_progress(0, n)
     for start in range(0, n, chunk_size):
         logits = decoder(tokens[:, start:start + chunk_size], cache, last_only=True)
+        if on_progress is not None:
+            on_progress(min(start + chunk_size, n), n)
     return logits[0, -1].float()
 
 
@@ -97,7 +104,8 @@ def generate_tokens(decoder, prompt_ids: Sequence[int], cache, params: SamplingP
                     max_new_tokens: int, eos_ids: Iterable[int] = (),
                     stats: GenerationStats | None = None, context_ids: Sequence[int] | None = None,
                     generator: torch.Generator | None = None, chunk_size: int = 512,
-                    on_logits: Callable[[Tensor, int], None] | None = None) -> Iterator[int]:
+                    on_logits: Callable[[Tensor, int], None] | None = None,
+                    on_prefill: Callable[[int, int], None] | None = None) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` token ids continuing ``context_ids + prompt_ids``.
 
     prompt_ids: tokens NOT yet in the cache (prefilled first); context_ids: the ``cache.offset``
@@ -109,6 +117,7 @@ def generate_tokens(decoder, prompt_ids: Sequence[int], cache, params: SamplingP
     If the consumer stops iterating early (Ctrl-C), ``stats.finish_reason`` stays None.
     on_logits(logits, token): called before each token is yielded with the float32 logits (V,)
     it was sampled from (the model's, before temperature and filters), e.g. for top logprobs.
+    on_prefill(done, total): :func:`prefill`'s progress over ``prompt_ids``.
 
     Raises InputError when the prompt does not fit in the cache, ValueError when ``context_ids``
     disagrees with ``cache.offset``. See the module docstring for what the cache holds afterwards.
@@ -140,7 +149,7 @@ def generate_tokens(decoder, prompt_ids: Sequence[int], cache, params: SamplingP
         history[: len(known)] = torch.as_tensor(known, dtype=torch.long)
         n_hist = len(known)
 
-    logits = prefill(decoder, prompt_ids, cache, chunk_size)
+    logits = prefill(decoder, prompt_ids, cache, chunk_size, on_progress=on_prefill)
     # Counts of the generated ids for OpenAI's frequency/presence penalties (the prompt's do not count).
     counts = torch.zeros_like(logits) if params.counts_tokens else None
     if generator is None and not params.greedy:
@@ -213,15 +222,17 @@ def generate_text(decoder, tokenizer, prompt_ids: Sequence[int], cache, params: 
                   stats: GenerationStats | None = None, context_ids: Sequence[int] | None = None,
                   generator: torch.Generator | None = None, skip_special: bool = True,
                   chunk_size: int = 512,
-                  on_logits: Callable[[Tensor, int], None] | None = None) -> Iterator[str]:
+                  on_logits: Callable[[Tensor, int], None] | None = None,
+                  on_prefill: Callable[[int, int], None] | None = None) -> Iterator[str]:
     """Stream the text of :func:`generate_tokens` in pieces, ending at EOS or a stop string.
 
     Text comes from ``tokenizer.stream_decoder(skip_special=...)`` so joined pieces equal the
-    decode of the generated ids. A stop string is found even when it spans several tokens; neither
+    decode of the generated ids, less an incomplete character at the very end (a length limit
+    that cuts a multi-byte character: its ids stay in ``stats.token_ids``). A stop string is found even when it spans several tokens; neither
     it nor anything after it is emitted (finish_reason "stop"), and text that could still turn into
     a stop string is held back until it cannot. eos_ids default: ``tokenizer.eos_token_ids``.
     ``stats.token_ids`` keeps every generated id, including those of the stop string.
-    on_logits: as in :func:`generate_tokens`.
+    on_logits, on_prefill: as in :func:`generate_tokens`.
     Errors: as :func:`generate_tokens`.
     """
     stats = stats if stats is not None else GenerationStats()
@@ -231,7 +242,8 @@ def generate_text(decoder, tokenizer, prompt_ids: Sequence[int], cache, params: 
     stream = tokenizer.stream_decoder(skip_special=skip_special)
     tokens = generate_tokens(decoder, prompt_ids, cache, params, max_new_tokens=max_new_tokens,
                              eos_ids=eos_ids, stats=stats, context_ids=context_ids,
-                             generator=generator, chunk_size=chunk_size, on_logits=on_logits)
+                             generator=generator, chunk_size=chunk_size, on_logits=on_logits,
+                             on_prefill=on_prefill)
     pending = ""
     try:
         for tok in tokens:
@@ -252,7 +264,7 @@ def generate_text(decoder, tokenizer, prompt_ids: Sequence[int], cache, params: 
                 out, pending = pending, ""
             if out:
                 yield out
-        pending += stream.flush()
+        pending += stream.flush(complete=True)   # no U+FFFD for a character cut at the end
         cut = _find_stop(pending, stops) if stops else None
         if cut is not None:
             pending = pending[:cut]

@@ -106,6 +106,41 @@ class SamplingParams:
         return cls(**kw)
 
 
+# Defaults for chat and for a bare ``llmsh "prompt"``: Ollama's (temperature 0.8, top_k 40,
+# top_p 0.9, repeat_penalty 1.1; llama.cpp's are the same but for top_p 0.95 plus min_p 0.05 and
+# no penalty since 2024). Greedy decoding of a small instruct model loops ("Write a short poem
+# about the sea." -> one line repeated for 1,139 tokens with SmolLM2-135M); sampling with a
+# mild penalty ends that reply and others by themselves (tests/test_default_model.py). Our
+# penalty, as transformers', sees the whole context, so it is kept mild.
+CHAT_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repetition_penalty": 1.1}
+CHAT_MAX_TOKENS = 1024  # chat's reply cap (tokens) unless -n or /set max_tokens says otherwise
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def chat_params(gen: dict | None, **overrides) -> SamplingParams:
+    """Sampling for chat and a bare prompt: :data:`CHAT_DEFAULTS`, except what the model's
+    generation_config.json dict ``gen`` sets itself (each key it gives wins; an explicit
+    ``do_sample: false`` means greedy, as the model asks), then ``overrides`` (None ignored).
+
+    Raises ValueError (naming the parameter) for an out-of-range value."""
+    gen = gen or {}
+    kw = dict(CHAT_DEFAULTS)
+    kw.update({k: gen[k] for k in _SAMPLING_KEYS if gen.get(k) is not None})
+    if gen.get("do_sample") is False:
+        kw["temperature"] = 0.0
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(kw.get("top_k"), float) and kw["top_k"].is_integer():
+        kw["top_k"] = int(kw["top_k"])
+    return SamplingParams(**kw)
+
+
+def random_seed() -> int:
+    """A fresh seed for a session that was given none (shown by ``/show``, to reproduce it)."""
+    import secrets
+
+    return secrets.randbelow(2**31)
+
+
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch.Generator on ``device``: seeded with ``seed``, or non-deterministically when None."""
     g = torch.Generator(device=device)

@@ -42,11 +42,15 @@ class ChatSession:
     Args:
         system: the system message (kept apart from ``messages``; never dropped on overflow).
         params: :class:`llmsh.sampling.SamplingParams`; a seed seeds one generator for the whole
-            session, so the same inputs in the same order give the same replies.
+            session, so the same inputs in the same order give the same replies. Without a seed
+            the session chooses one (:func:`llmsh.sampling.random_seed`, in :attr:`params`);
+            ``set_params(seed=None)`` then makes it unseeded.
         max_tokens: reply length limit (tokens; None: until EOS or the context is full). When old
             exchanges are dropped to fit the context, :attr:`reserve` positions stay free for the reply.
         n_ctx: context size in tokens (default: the model's, capped at DEFAULT_N_CTX_CAP).
         notice: called with one-line notices (dropped exchanges).
+        on_prefill(done, total): progress of each turn's prefill (tokens; see
+            :func:`llmsh.generate.prefill`).
 
     Raises:
         InputError: ``n_ctx`` is not in [1, the model's max_position_embeddings].
@@ -55,12 +59,16 @@ class ChatSession:
     """
 
     def __init__(self, model, *, system: str | None = None, params=None, max_tokens: int | None = None,
-                 n_ctx: int | None = None, notice: Callable[[str], None] | None = None):
+                 n_ctx: int | None = None, notice: Callable[[str], None] | None = None,
+                 on_prefill: Callable[[int, int], None] | None = None):
         from .sampling import SamplingParams
 
         self.model = model
         self.system = system or None
         self.params = params if params is not None else SamplingParams()
+        if self.params.seed is None:  # one seed per session, shown by /show: a chat can be replayed
+            from .sampling import random_seed
+            self.params = replace(self.params, seed=random_seed())
         self.max_tokens = None if max_tokens is None else int(max_tokens)
         limit = int(model.config.max_position_embeddings)
         self.n_ctx = int(n_ctx) if n_ctx is not None else min(limit, DEFAULT_N_CTX_CAP)
@@ -70,6 +78,7 @@ class ChatSession:
             raise InputError(f"--n-ctx {self.n_ctx} must be at least 1")
         self.notices: list[str] = []
         self._notice = notice or self.notices.append
+        self.on_prefill = on_prefill
         self.messages: list[Message] = []
         self.cache = model.decoder.new_cache(self.n_ctx)
         self.cache_ids: list[int] = []  # the ids whose keys/values fill cache[:offset]
@@ -79,6 +88,8 @@ class ChatSession:
             from .template import NO_TEMPLATE, NoChatTemplateError
             raise NoChatTemplateError(f"the model {NO_TEMPLATE}")
         self._generator = None
+        self.context_full = False  # the last reply stopped because the context was full
+        self.last_interrupt: str | None = None  # what Ctrl-C left of the last reply: see _stream
         self._saved = (None, [])  # what was last saved or loaded: see :attr:`modified`
         # Called with this session after each reply has ended (complete or interrupted, the reply
         # the last message): the conversation log's hook (llmsh.cli.logs.ChatLogger).
@@ -135,34 +146,40 @@ class ChatSession:
         if not text or not text.strip():
             raise InputError("empty message")
         self.messages.append(Message("user", text))
-        return self._reply(on_nothing=self.messages.pop)
+        return self._reply(on_nothing=self.messages.pop, nothing="message dropped")
 
     def regen(self) -> Iterator[str]:
         """Drop the last reply and stream a new one. Raises InputError when there is none."""
         if not self.messages or self.messages[-1].role != "assistant":
             raise InputError("nothing to regenerate: the conversation has no reply yet")
         old = self.messages.pop()
-        return self._reply(on_nothing=lambda: self.messages.append(old))
+        return self._reply(on_nothing=lambda: self.messages.append(old), nothing="previous reply kept")
 
-    def _reply(self, on_nothing: Callable[[], object]) -> Iterator[str]:
+    def _reply(self, on_nothing: Callable[[], object], nothing: str) -> Iterator[str]:
         # Fitting happens before the generator starts so that InputError is raised by send().
+        self.last_interrupt = None
+        self.context_full = False
         try:
             ids = self._fit()
         except BaseException:
             on_nothing()
             raise
-        return self._stream(ids, on_nothing)
+        return self._stream(ids, on_nothing, nothing)
 
-    def _stream(self, ids: list[int], on_nothing) -> Iterator[str]:
+    def _stream(self, ids: list[int], on_nothing, nothing: str) -> Iterator[str]:
         """Generate the reply to ``ids`` (the full prompt) reusing the cache.
 
         KeyboardInterrupt while generating (or ``close()`` of this iterator) stops the reply: the
-        partial reply is kept with ``interrupted=True`` (or, if nothing was generated yet, the
-        conversation is left as it was), the cache is trimmed to what is valid, and the
-        KeyboardInterrupt propagates.
+        partial reply is kept with ``interrupted=True`` (:attr:`last_interrupt` "partial reply
+        kept"), or, if nothing was generated yet, the conversation is left as it was before the
+        call (``nothing``: "message dropped" for :meth:`send`, "previous reply kept" for
+        :meth:`regen`); the cache is trimmed to what is valid, and the KeyboardInterrupt
+        propagates. A reply that ran out of context positions (not of ``max_tokens``) sets
+        :attr:`context_full`.
         """
         from .generate import GenerationStats, generate_tokens
         from .sampling import make_generator
+        from .stream_decoder import complete_decode
 
         reuse = min(common_prefix(self.cache_ids, ids), len(ids) - 1)
         self.cache.trim(min(reuse, self.cache.offset))
@@ -176,7 +193,8 @@ class ChatSession:
         tok = self.model.tokenizer
         tokens = generate_tokens(self.model.decoder, ids[reuse:], self.cache, self.params,
                                  max_new_tokens=max_new, eos_ids=tok.eos_token_ids, stats=stats,
-                                 context_ids=ids[:reuse], generator=self._generator)
+                                 context_ids=ids[:reuse], generator=self._generator,
+                                 on_prefill=self.on_prefill)
         decoder = tok.stream_decoder(skip_special=True)
         reply_ids: list[int] = []
         pieces: list[str] = []
@@ -188,7 +206,7 @@ class ChatSession:
                 if piece:
                     pieces.append(piece)
                     yield piece
-            piece = decoder.flush()
+            piece = decoder.flush(complete=True)  # a character cut by the length limit is not text
             if piece:
                 pieces.append(piece)
                 yield piece
@@ -201,13 +219,19 @@ class ChatSession:
             self.cache_ids = full[: self.cache.offset]
             if not done:
                 stats.finish_reason = "interrupted"
+            elif stats.finish_reason == "length" and len(full) >= self.n_ctx:
+                self.context_full = True
             if done or reply_ids:
-                content = "".join(pieces) if done else tok.decode(reply_ids, skip_special=True)
+                content = "".join(pieces) if done else complete_decode(
+                    lambda i: tok.decode(i, skip_special=True), reply_ids)
                 self.messages.append(Message("assistant", content, interrupted=not done, ids=reply_ids))
+                if not done:
+                    self.last_interrupt = "partial reply kept"
                 if self.on_reply is not None:
                     self.on_reply(self)
             else:
                 on_nothing()
+                self.last_interrupt = nothing
 
     # --- encoding and context -------------------------------------------------------------------
 

@@ -28,7 +28,9 @@ class StreamDecoder:
     Both decodes start at the same token, so a stripped leading space cancels out. Cost per
     token is one decode of a few-token window, not of the whole sequence.
 
-    A sequence cut inside a character ends in U+FFFD after ``flush()``. With a tokenizer.json
+    A sequence cut inside a character ends in U+FFFD after ``flush()``, and in nothing after
+    ``flush(complete=True)``, which drops that incomplete tail (what the end of a reply wants:
+    see :func:`complete_decode`). With a tokenizer.json
     byte-fallback decoder, whose full decode replaces every byte of an invalid ``<0xNN>`` run,
     complete characters of that last run that were already streamed stay as they were.
     """
@@ -52,9 +54,16 @@ class StreamDecoder:
         self._done_text = self._decode(self._ids)
         return out
 
-    def flush(self) -> str:
-        """Return whatever is still pending (possibly U+FFFD for a truncated character) and reset."""
-        out = self._decode(self._ids)[len(self._done_text):]
+    def flush(self, *, complete: bool = False) -> str:
+        """Return whatever is still pending and reset. A truncated character at the end is U+FFFD,
+        or with ``complete`` left out: the text is then the decode of the longest prefix of the
+        ids that does not end inside a character."""
+        ids = self._ids
+        if complete:
+            out = complete_decode(self._decode, ids, keep=self._done)
+        else:
+            out = self._decode(ids)
+        out = out[len(self._done_text):]
         self._ids, self._done, self._done_text = [], 0, ""
         return out
 
@@ -82,13 +91,40 @@ class DecodeStreamAdapter(StreamDecoder):
         self._last, self._pending = self._pending, []
         return out
 
-    def flush(self) -> str:
+    def flush(self, *, complete: bool = False) -> str:
         # DecodeStream holds an incomplete character back forever; the full decode shows it as
         # U+FFFD. Diff against the last chunk's ids so a decoder's leading-space strip cancels out.
         out = ""
         if self._pending:
             dec = lambda ids: self._tk.decode(ids, skip_special_tokens=self._skip)  # noqa: E731
             base = dec(self._last)
-            out = dec(self._last + self._pending)[len(base):]
+            ids = self._last + self._pending
+            full = complete_decode(dec, ids, keep=len(self._last)) if complete else dec(ids)
+            out = full[len(base):]
         self.__init__(self._tk, self._skip, self._check)
         return out
+
+
+# The most tokens an incomplete character can span: 3 of its at most 4 UTF-8 bytes.
+MAX_INCOMPLETE_TOKENS = 3
+
+
+def complete_decode(decode, ids, *, keep: int = 0) -> str:
+    """``decode(ids)`` without an incomplete character at the end: the decode of the longest
+    prefix of ``ids``, at most :data:`MAX_INCOMPLETE_TOKENS` shorter (and at least ``keep`` long),
+    whose text does not end in U+FFFD; ``decode(ids)`` itself when there is none (bytes that are
+    invalid, not incomplete: they stay visible as U+FFFD).
+
+    A reply cut by a length limit or Ctrl-C can stop inside a multi-byte character (one byte of
+    three); its decode ends in U+FFFD, which is not text the model wrote. The ids themselves stay
+    the caller's (``--json`` tokens keep them). A U+FFFD earlier in the text is left alone.
+    """
+    ids = list(ids)
+    full = decode(ids)
+    if not full.endswith("\ufffd"):
+        return full
+    for k in range(len(ids) - 1, max(keep, len(ids) - MAX_INCOMPLETE_TOKENS) - 1, -1):
+        text = decode(ids[:k])
+        if not text.endswith("\ufffd"):
+            return text
+    return full

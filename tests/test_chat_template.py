@@ -149,8 +149,10 @@ def test_generate_with_chat_template_matches_transformers(bos_model, llmsh_home,
 def test_bare_prompt_and_chat_take_the_template(bos_model, llmsh_home, tmp_path):
     t = tmp_path / "gemma.jinja"
     t.write_text(GEMMA_TEMPLATE, encoding="utf-8")
-    a = ok(["-m", str(bos_model), "--chat-template", str(t), "-n", "3", "--json", "hi"]).stdout
-    b = ok(["generate", "-m", str(bos_model), "--chat-template", str(t), "-n", "3", "--json", "hi"]).stdout
+    # a bare prompt samples as chat does: pin the same decoding on both sides
+    same = ["-n", "3", "-t", "0", "--repetition-penalty", "1", "--json", "hi"]
+    a = ok(["-m", str(bos_model), "--chat-template", str(t), *same]).stdout
+    b = ok(["generate", "-m", str(bos_model), "--chat-template", str(t), *same]).stdout
     assert json.loads(a)["tokens"] == json.loads(b)["tokens"]
     r = ok(["chat", "-m", str(bos_model), "--chat-template", str(t), "-n", "3", "--no-history", "--no-log"],
            input="hi\n")

@@ -221,7 +221,8 @@ def test_model_from_environment_and_no_template(bos_model, llmsh_home):
 
 
 def test_no_command_with_piped_stdin_generates(chat_model, llmsh_home):
-    a = ok(["-m", str(chat_model), "-n", "3"], input="Hello\n").stdout
+    # without a command, chat's sampling defaults (issue 9 item 6): greedy and no penalty here
+    a = ok(["-m", str(chat_model), "-n", "3", "-t", "0", "--repetition-penalty", "1"], input="Hello\n").stdout
     b = ok(["generate", "-m", str(chat_model), "-n", "3", "Hello"]).stdout
     assert a == b and a.endswith("\n")
 

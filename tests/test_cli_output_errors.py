@@ -80,3 +80,33 @@ def test_the_man_page_says_what_decode_prints(chat_model, llmsh_home):  # noqa: 
     assert out == "Hello world"                      # exact: no newline added in a pipe
     page = " ".join((ROOT / "man" / "llmsh.1").read_text(encoding="utf-8").split())
     assert "except for tokenize \\-\\-decode, which prints the decoded text exactly" in page
+
+
+class _Tty(__import__("io").StringIO):
+    def isatty(self):
+        return True
+
+
+def test_prefill_progress_only_on_a_terminal_and_only_for_long_prompts(monkeypatch):
+    """Issue 9 item 12: "prefill DONE/TOTAL tokens" on a terminal's stderr while a long prompt is
+    prefilled, gone (transient) when it is done; nothing on a pipe or for a one-chunk prompt."""
+    import io
+
+    from llmsh.cli import output
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    tty = _Tty()
+    bar = output.PrefillProgress(tty)
+    for done in (0, 512, 1024, 1500):
+        bar(done, 1500)
+    assert "prefill" in tty.getvalue() and "/1500" in tty.getvalue() and "tokens" in tty.getvalue()
+    assert bar._bar is None  # closed at the end
+    short = _Tty()
+    for done in (0, 400):
+        output.PrefillProgress(short)(done, 400)
+    assert short.getvalue() == ""
+    pipe = io.StringIO()
+    piped = output.PrefillProgress(pipe)
+    for done in (0, 512, 1500):
+        piped(done, 1500)
+    assert pipe.getvalue() == ""

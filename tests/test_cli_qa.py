@@ -30,11 +30,38 @@ def gen_json(chat_model, *args, input=None):
 # --- routing without a command ----------------------------------------------------------------------
 
 def test_bare_prompt_generates(chat_model, llmsh_home, terminal):
-    a = ok(["What is the capital of France?", "-m", str(chat_model), "-n", "3"]).stdout
-    b = ok(["generate", "-m", str(chat_model), "-n", "3", "What is the capital of France?"]).stdout
+    # `llmsh PROMPT` is generate with chat's sampling defaults (issue 9 item 6), so it equals
+    # generate given those values, and differs from generate's own greedy defaults.
+    chat = ["--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--repetition-penalty", "1.1"]
+    a = ok(["What is the capital of France?", "-m", str(chat_model), "-n", "8", "--seed", "1"]).stdout
+    b = ok(["generate", "-m", str(chat_model), "-n", "8", "--seed", "1", *chat,
+            "What is the capital of France?"]).stdout
     assert a == b and a.strip()
+    greedy = ok(["generate", "-m", str(chat_model), "-n", "8", "--seed", "1", "What is the capital of France?"])
+    assert greedy.stdout != a
     # options first, then the prompt, on a terminal: generate, not chat
-    assert ok(["-m", str(chat_model), "-n", "3", "What is the capital of France?"]).stdout == b
+    assert ok(["-m", str(chat_model), "-n", "8", "--seed", "1", "What is the capital of France?"]).stdout == b
+
+
+def test_piped_prompt_without_a_command_has_chat_defaults(chat_model, llmsh_home, monkeypatch):
+    chat = ["--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--repetition-penalty", "1.1"]
+    q = "What is the capital of France?\n"
+    want = ok(["generate", "-m", str(chat_model), "--seed", "2", *chat], input=q).stdout
+    assert ok(["-m", str(chat_model), "--seed", "2"], input=q).stdout == want
+    import llmsh.generate as g
+
+    real, used = g.generate_text, []
+
+    def spy(decoder, tokenizer, ids, cache, params, **kw):
+        used.append(params)
+        return real(decoder, tokenizer, ids, cache, params, **kw)
+
+    monkeypatch.setattr(g, "generate_text", spy)
+    monkeypatch.setenv("LLMSH_MODEL", str(chat_model))
+    ok([], input=q)  # bare `llmsh` with a piped prompt
+    ok(["generate", "-n", "2"], input=q)
+    assert (used[0].temperature, used[0].repetition_penalty, used[0].seed) == (0.8, 1.1, None)
+    assert used[1].greedy and used[1].repetition_penalty == 1.0  # generate keeps its own
 
 
 def test_options_only_on_a_terminal_start_chat(chat_model, llmsh_home, terminal, monkeypatch):
@@ -46,6 +73,11 @@ def test_options_only_on_a_terminal_start_chat(chat_model, llmsh_home, terminal,
     monkeypatch.setattr("llmsh.cli.repl.run_chat", fake_chat)
     ok(["-m", str(chat_model), "--n-ctx", "64", "--no-history"])
     assert seen["n_ctx"] == 64 and seen["history"] is False
+    # chat's defaults (issue 9 item 6): sampling with a mild penalty, replies capped at 1024 tokens
+    p = seen["params"]
+    assert (p.temperature, p.top_k, p.top_p, p.repetition_penalty, seen["max_tokens"]) == (0.8, 40, 0.9, 1.1, 1024)
+    ok(["chat", "-m", str(chat_model), "-n", "7", "-t", "0"])
+    assert seen["max_tokens"] == 7 and seen["params"].greedy
 
 
 def test_options_only_with_empty_stdin_is_generate(chat_model, llmsh_home):
@@ -94,7 +126,8 @@ def test_errors_replace_for_argv_and_stdin(chat_model, llmsh_home):
     assert a["tokens"] == b["tokens"] and a["prompt_tokens"] == b["prompt_tokens"]
     c = gen_json(chat_model, "--raw", "-n", "2", "--errors", "replace", input=b"caf\xe9")
     assert c["tokens"] == b["tokens"]
-    r = ok(["chat", "-m", str(chat_model), "-n", "2", "--no-history", "--errors", "replace"], input=b"caf\xe9")
+    r = ok(["chat", "-m", str(chat_model), "-n", "8", "-t", "0", "--no-history", "--errors", "replace"],
+           input=b"caf\xe9")
     assert r.stdout.strip()
     one_line_error(run(["chat", "-m", str(chat_model), "--no-history"], input=b"caf\xe9"), "--errors replace")
 

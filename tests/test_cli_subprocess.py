@@ -154,6 +154,13 @@ def slow_model(tmp_path_factory):
                               max_position_embeddings=32768, bos_token_id=ENDOFTEXT,
                               eos_token_id=IM_END, pad_token_id=ENDOFTEXT)
     write_tokenizer(path, bos=True, template=None)
+    # No end-of-sequence token: a reply runs to its -n, so a Ctrl-C lands in it however fast the
+    # machine decodes (with one, greedy decoding of these random weights ends within ~300 tokens).
+    for name, key in (("tokenizer_config.json", "eos_token"), ("config.json", "eos_token_id"),
+                      ("generation_config.json", "eos_token_id")):
+        cfg = json.loads((path / name).read_text(encoding="utf-8"))
+        cfg[key] = None
+        (path / name).write_text(json.dumps(cfg), encoding="utf-8")
     return path
 
 
@@ -232,3 +239,15 @@ def test_ctrl_c_in_generate_json_prints_the_partial_object(slow_model, env):
     assert 0 < r["completion_tokens"] == len(r["tokens"]) < 20000
     assert isinstance(r["text"], str) and r["text"]       # what was streamed of those tokens
     assert r["tokens"][:4] == json.loads(short.stdout)["tokens"]
+@pytest.mark.default_model
+def test_a_character_cut_by_the_length_limit_is_not_printed(env):
+    """Issue 9 item 8: two tokens of a Chinese continuation end inside a character; neither
+    stdout nor --json text shows U+FFFD, and --json tokens keep both ids."""
+    env = dict(env, LLMSH_HOME=str(DEFAULT_MODEL_HOME))
+    args = ["generate", "--raw", "-n", "2", "中文：人工智能是"]
+    r = llmsh(args, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "\ufffd" not in r.stdout.decode("utf-8") and r.stdout.strip()
+    r = llmsh(args + ["--json"], env=env, timeout=600)
+    obj = json.loads(r.stdout)
+    assert "\ufffd" not in obj["text"] and len(obj["tokens"]) == 2 and obj["finish_reason"] == "length"

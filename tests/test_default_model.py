@@ -155,3 +155,22 @@ def test_perplexity_llamacpp_protocol(loaded, fname, n_ctx, key):
     assert abs(res.perplexity / hf["ppl"] - 1) < 5e-4, (res.perplexity, hf["ppl"])
     assert abs(res.perplexity / lc["ppl"] - 1) < 1e-2, (res.perplexity, lc["ppl"])
     assert abs(res.stderr / hf["err"] - 1) < 5e-3, (res.stderr, hf["err"])
+
+
+CHAT_PROMPTS = ["Write a short poem about the sea.", "Tell me about Paris.", "How do I make a cup of tea?"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", CHAT_PROMPTS)
+def test_chat_defaults_end_replies_by_themselves(loaded, prompt):
+    """Issue 9 item 6: greedy decoding loops on the first prompt (one line for 1,139 tokens);
+    chat's defaults (sampling, repetition penalty 1.1, seed 0 here) end each reply with
+    <|im_end|> well before the 1024-token cap."""
+    from llmsh.sampling import CHAT_MAX_TOKENS, chat_params
+    from llmsh.session import ChatSession
+
+    s = ChatSession(loaded, params=chat_params(loaded.generation_config, seed=0), max_tokens=CHAT_MAX_TOKENS)
+    text = "".join(s.send(prompt))
+    st = s.last_stats
+    assert st.finish_reason == "stop" and st.stop_token_id in loaded.eos_ids, (st.generated_tokens, text[-200:])
+    assert 0 < st.generated_tokens < CHAT_MAX_TOKENS // 2

@@ -182,6 +182,18 @@ def test_prefill_is_chunked_and_asks_for_last_logits_only():
     assert int(logits.argmax()) == 24
 
 
+def test_prefill_reports_progress_per_chunk():
+    # issue 9 item 12: a long prompt's prefill tells how far it is, (done, total) in tokens.
+    seen = []
+    prefill(Scripted(list(range(40))), list(range(25)), empty_cache(32), chunk_size=10,
+            on_progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 25), (10, 25), (20, 25), (25, 25)]
+    seen.clear()
+    list(generate_tokens(Scripted(list(range(40))), list(range(12)), empty_cache(32), GREEDY,
+                         max_new_tokens=2, chunk_size=5, on_prefill=lambda d, t: seen.append(d)))
+    assert seen == [0, 5, 10, 12]
+
+
 class DelayedTokenizer:
     """Each id's text is ``pieces[id]``; the stream emits each piece one token late (a held
     partial character, like byte-fallback), so flush() has work to do."""
@@ -204,7 +216,7 @@ class DelayedTokenizer:
                 out, self.held = (tok.pieces[self.held] if self.held is not None else ""), i
                 return out
 
-            def flush(self):
+            def flush(self, complete=False):
                 out, self.held = (tok.pieces[self.held] if self.held is not None else ""), None
                 return out
 

@@ -25,7 +25,7 @@ def test_man_page_documents_every_command_and_option():
         cmd = cli.get_command(ctx, name)
         assert f'.SS "llmsh {name} ' in page, name
         for param in cmd.params:
-            for opt in getattr(param, "opts", []) if isinstance(param, click.Option) else []:
+            for opt in getattr(param, "opts", []) if isinstance(param, click.Option) and not param.hidden else []:
                 assert opt.replace("-", "\\-") in page, (name, opt)
     for word in ("LLMSH_MODEL", "LLMSH_HOME", "NO_COLOR", "EXIT STATUS"):
         assert word in page

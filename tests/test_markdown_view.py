@@ -400,7 +400,7 @@ import llmsh.session as s
 _stream = s.ChatSession._stream
 
 
-def slow_reply(self, ids, on_nothing):  # the reply to every message: FAKE_REPLY, again and again
+def slow_reply(self, ids, *args):  # the reply to every message: FAKE_REPLY, again and again
     reply = self.model.tokenizer.encode(os.environ["LLMSH_FAKE_REPLY"])
 
     def tokens(*a, **kw):
@@ -409,7 +409,7 @@ def slow_reply(self, ids, on_nothing):  # the reply to every message: FAKE_REPLY
             yield t
 
     g.generate_tokens = tokens
-    return _stream(self, ids, on_nothing)
+    return _stream(self, ids, *args)
 
 
 s.ChatSession._stream = slow_reply

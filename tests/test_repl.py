@@ -281,7 +281,7 @@ class Terminal:
     """A subprocess of ``llmsh chat`` with a pseudo-terminal as its controlling terminal, on stdin
     and stderr (and stdout, unless ``stdout`` is given, e.g. subprocess.PIPE)."""
 
-    def __init__(self, args, env, stdout=None):
+    def __init__(self, args, env, stdout=None, program=None):
         import pty
         import subprocess
 
@@ -295,7 +295,7 @@ class Terminal:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmsh.cli", *args], stdin=child,
+            [*(program or [sys.executable, "-m", "llmsh.cli"]), *args], stdin=child,
             stdout=child if stdout is None else stdout, stderr=child, env=env,
             cwd=Path(__file__).parents[1], close_fds=True, preexec_fn=controlling_terminal)
         os.close(child)
@@ -384,3 +384,132 @@ def test_chat_with_stdout_piped_keeps_the_prompt_on_the_terminal(chat_model, tmp
     reply = saved(f)[1]["content"]
     assert out == (reply + "\n" if reply else "")
     assert "\x1b" not in out and ">>>" not in out and "\r" not in out
+
+
+def test_double_slash_sends_a_message_that_starts_with_a_slash(lm, tmp_path):
+    # issue 9 item 10: "/usr/bin is what?" is not a command; "//" escapes it, as /help says.
+    f = tmp_path / "c.json"
+    rc, out, err = drive(lm, f"/usr/bin is what?\n//usr/bin is what?\n/help\n/save {f}\n/exit\n")
+    assert rc == 0
+    assert "unknown command /usr/bin" in err and "type it as //usr/bin is what?" in err
+    assert [m["content"] for m in saved(f) if m["role"] == "user"] == ["/usr/bin is what?"]
+    assert "//usr/bin is what?" in err.split("/help", 1)[1]  # documented in /help
+
+
+def _interrupt_before_the_first_token(monkeypatch):
+    import llmsh.generate as g
+
+    def fake(*a, **kw):  # Ctrl-C during the prefill: no token yet
+        raise KeyboardInterrupt
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(g, "generate_tokens", fake)
+
+
+def test_ctrl_c_before_the_first_token_says_what_happened(lm, tmp_path, monkeypatch):
+    # issue 9 item 9: nothing was generated, so nothing "partial" is kept; the message is dropped
+    # and the marker says so (the prompt history still has it).
+    f = tmp_path / "c.json"
+    rc, out, err = drive(lm, f"one\n/regen\n/save {f}\n/exit\n")  # a reply to regenerate first
+    assert saved(f)[0]["content"] == "one" and len(saved(f)) == 2
+    _interrupt_before_the_first_token(monkeypatch)
+    g = tmp_path / "g.json"
+    rc, out, err = drive(lm, f"/load! {f}\ntwo\n/regen\n/save! {g}\n/exit\n")
+    assert rc == 0 and "partial reply is kept" not in err
+    assert "[interrupted before the reply began: your message was not kept; press Up to recall it]" in err
+    assert "[interrupted before the new reply began: the previous reply is kept]" in err
+    assert saved(g) == saved(f)  # "two" dropped, the old reply kept
+
+
+def test_a_reply_cut_by_a_full_context_says_so(lm, monkeypatch):
+    # issue 9 item 7: a marker as Ctrl-C's, naming what would change it; a max_tokens cut has none.
+    monkeypatch.setattr(lm.tokenizer, "eos_token_ids", [])  # the reply runs until it is cut
+    rc, out, err = drive(lm, "hello\n/exit\n", n_ctx=48, max_tokens=None)
+    assert rc == 0 and "[context full: 48 tokens; raise --n-ctx or /clear]" in err
+    rc, out, err = drive(lm, "hello\n/exit\n", n_ctx=48, max_tokens=3)
+    assert rc == 0 and "context full" not in err
+
+
+def drive_slowly(lm, chunks, pause=0.7, **kw) -> tuple[int, str, str]:
+    """As :func:`drive`, typing ``chunks`` one by one with a pause before each: keys that recall
+    history need the prompt (and its history, loaded in the background) to be there first."""
+    import threading
+    import time
+
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    out, err = io.StringIO(), io.StringIO()
+    kw.setdefault("params", GREEDY)
+    kw.setdefault("max_tokens", 3)
+    with create_pipe_input() as inp:
+        def feed():
+            for c in chunks:
+                time.sleep(pause)
+                inp.send_text(c)
+        threading.Thread(target=feed, daemon=True).start()
+        rc = run_chat(lm, input=inp, output=DummyOutput(), stdout=out, stderr=err, **kw)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_a_multiline_message_is_one_history_entry(lm, tmp_path):
+    # issue 9 item 11: Up recalls the whole message, not its last line; the file keeps it whole.
+    from prompt_toolkit.history import FileHistory
+
+    f, h = tmp_path / "c.json", tmp_path / "chat_history"
+    rc, out, err = drive_slowly(lm, ['line1 \\\nline2\n', '"""\na\nb\n"""\n', "\x1b[A", "\n",
+                                     f"/save {f}\n/exit\n"], history=h)
+    assert rc == 0
+    users = [m["content"] for m in saved(f) if m["role"] == "user"]
+    assert users == ["line1 \nline2", "a\nb", "a\nb"]  # Up, Enter: the last message again
+    entries = list(FileHistory(str(h)).load_history_strings())[::-1]  # oldest first
+    assert entries == ["line1 \nline2", "a\nb", f"/save {f}", "/exit"]  # no repeat stored
+
+
+# llmsh with a slow reply: each reply waits 2 s before its first token and 0.1 s per token, so
+# that keys can be typed while it "streams".
+SLOW_REPLY = """
+import sys, time
+import llmsh.generate as g
+real = g.generate_tokens
+def slow(*a, **kw):
+    time.sleep(2)
+    for t in real(*a, **kw):
+        time.sleep(0.1)
+        yield t
+g.generate_tokens = slow
+from llmsh.cli.main import main
+sys.argv[0] = "llmsh"
+main()
+"""
+
+
+@needs_pty
+def test_keys_typed_during_a_reply_are_not_echoed_into_it(chat_model, tmp_path):  # noqa: F811
+    """Issue 9 item 11: on a real terminal, keys typed while a reply streams do not appear in it;
+    they reach the next prompt, as typeahead does in a shell."""
+    import time
+
+    f = tmp_path / "c.json"
+    t = Terminal(["chat", "-m", str(chat_model), "--temperature", "0", "-n", "5", "--stats"],
+                 _env(tmp_path), program=[sys.executable, "-c", SLOW_REPLY])
+    try:
+        t.wait_for(b">>>")
+        t.type(b"hello\r")
+        t.wait_for(b"hello")
+        time.sleep(0.5)
+        start = len(t.seen)
+        t.type(b"zzzz\r")  # while the reply is on its way
+        t.wait_for(b"tokens/s")  # the statistics line: the reply is over
+        during = t.seen[start:t.seen.index(b"tokens/s")]
+        t.wait_for(b"tokens/s", 2)  # "zzzz" was sent at the next prompt and answered
+        t.wait_for(b">>>", t.seen.count(b">>>") + 1)
+        time.sleep(0.5)
+        t.type(f"/save {f}\r".encode())
+        t.wait_for(b"saved to")
+        t.type(b"/exit\r")
+        assert t.proc.wait(timeout=60) == 0
+    finally:
+        t.close()
+    assert b"zzzz" not in during
+    assert [m["content"] for m in saved(f) if m["role"] == "user"] == ["hello", "zzzz"]

@@ -70,8 +70,9 @@ def test_documented_example_in_a_real_terminal(chat_model, tmp_path):  # noqa: F
 
 
 def test_options_then_words_generate(chat_model, llmsh_home, terminal, chats):  # noqa: F811
-    a = ok(["-m", str(chat_model), "-t", "0", "-n", "3", "hello", "there"]).stdout
-    b = ok(["generate", "-m", str(chat_model), "-t", "0", "-n", "3", "hello there"]).stdout
+    # without a command, chat's defaults (repetition penalty 1.1): the same as generate's here
+    a = ok(["-m", str(chat_model), "-t", "0", "--repetition-penalty", "1", "-n", "8", "hello", "there"]).stdout
+    b = ok(["generate", "-m", str(chat_model), "-t", "0", "-n", "8", "hello there"]).stdout
     assert a == b and a.strip() and not chats
 
 

@@ -240,3 +240,15 @@ def test_frequency_and_presence_penalties_as_openai_defines_them():
         SamplingParams(frequency_penalty=2.5)
     with pytest.raises(ValueError, match="presence_penalty"):
         SamplingParams(presence_penalty=-3)
+def test_chat_params_sample_with_a_mild_penalty_unless_the_model_says_otherwise():
+    # issue 9 item 6: chat and a bare prompt do not decode greedily (small models loop).
+    from llmsh.sampling import CHAT_DEFAULTS, chat_params
+
+    p = chat_params({"bos_token_id": 1, "eos_token_id": [2, 0]})  # the default model's file
+    assert (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty) == (0.8, 40, 0.9, 0.0, 1.1)
+    assert dataclasses.asdict(p) == dict(CHAT_DEFAULTS, seed=None, frequency_penalty=0.0, presence_penalty=0.0)
+    own = chat_params({"do_sample": True, "temperature": 0.6, "top_p": 0.95})  # e.g. Qwen's
+    assert (own.temperature, own.top_p, own.top_k, own.repetition_penalty) == (0.6, 0.95, 40, 1.1)
+    assert chat_params({"do_sample": False}).greedy
+    assert chat_params({"temperature": 0.6}, temperature=0.0, seed=3).greedy
+    assert chat_params(None, seed=3).seed == 3

@@ -143,6 +143,24 @@ def test_stream_decoder_holds_incomplete_utf8(pair):
     assert "".join(sd.step(i) for i in ids[:-1]) == "" and sd.flush() == ours.decode(ids[:-1])
 
 
+@pytest.mark.parametrize("name", ["sp", "bytelevel", "metaspace_json"])
+def test_flush_complete_drops_a_character_cut_at_the_end(pair, name):
+    # A reply cut by a length limit mid-character: flush(complete=True) ends at the last whole
+    # character (issue 9 item 8: no U+FFFD in stdout, --json text or saved chats).
+    ours, _ = pair(name)
+    for text in ["a 𝄞 b", "中文：人工智能是", " 😀x"]:
+        ids = ours.encode(text)
+        for k in range(len(ids) + 1):
+            sd = ours.stream_decoder(skip_special=True)
+            out = "".join(sd.step(i) for i in ids[:k]) + sd.flush(complete=True)
+            assert "\ufffd" not in out, (text, k)
+            # a prefix of the whole text, and no shorter than the cut decode without its U+FFFDs
+            # (tokenizers' ByteFallback turns a whole invalid byte run into U+FFFDs: see above)
+            partial = ours.decode(ids[:k], skip_special=True).rstrip("\ufffd")
+            assert ours.decode(ids, skip_special=True).startswith(out), (text, k, out)
+            assert out.startswith(partial), (text, k, out)
+
+
 def test_special_token_metadata(pair, dirs):
     sp, sp_ref = pair("sp")
     assert (sp.bos_token, sp.bos_token_id, sp.eos_token, sp.add_bos) == ("<s>", 1, "</s>", True)
@@ -219,4 +237,5 @@ def test_errors(dirs, tmp_path):
         tok.decode([5, 99999])
     with pytest.raises(InputError):
         tok.id_to_piece(-1)
+
 

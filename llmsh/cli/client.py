@@ -277,7 +277,7 @@ def _chat_session_class():
         def context_used(self) -> int:
             return self._context_used
 
-        def _stream(self, ids, on_nothing):
+        def _stream(self, ids, on_nothing, nothing: str = "message dropped"):
             body = {"messages": [{"role": m.role, "content": m.content} for m in self._all()],
                     "stream": True, "llmsh": {"fit_context": True, "details": True},
                     **{k: v for k, v in vars(self.params).items() if v is not None}}
@@ -304,8 +304,10 @@ def _chat_session_class():
                     resp.close()      # a reply cut short: the server stops at its next token
                 if pieces:
                     self.messages.append(Message("assistant", "".join(pieces), interrupted=not done))
+                    self.last_interrupt = None if done else "partial reply kept"
                 else:
                     on_nothing()
+                    self.last_interrupt = nothing
                 if not done and self.last_stats is not None:
                     self.last_stats.finish_reason = "interrupted"
 

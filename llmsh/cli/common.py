@@ -110,19 +110,22 @@ def sampling_options(f):
         click.option("--top-k", type=click.IntRange(0), default=None, metavar="K",
                      help="Sample among the K most likely tokens (>= 0; 0 = off)."),
         click.option("--temperature", "-t", type=click.FloatRange(0), default=None, metavar="T",
-                     help="Sampling temperature (>= 0; 0 = greedy). Default: the model's "
-                          "generation_config.json, else greedy."),
+                     help="Sampling temperature (>= 0; 0 = greedy)."),
     ]
     for opt in opts:
         f = opt(f)
     return f
 
 
-def sampling_params(generation_config: dict, **overrides):
-    """SamplingParams from the model's generation_config.json, then the command-line values."""
-    from ..sampling import SamplingParams
+def sampling_params(generation_config: dict, *, chat: bool = False, **overrides):
+    """SamplingParams from the model's generation_config.json, then the command-line values.
+    ``chat``: chat's defaults (:func:`llmsh.sampling.chat_params`) where the model's file sets
+    nothing, instead of transformers' greedy ones."""
+    from ..sampling import SamplingParams, chat_params
 
     try:
+        if chat:
+            return chat_params(generation_config, **overrides)
         return SamplingParams.from_generation_config(generation_config, **overrides)
     except ValueError as e:  # a bad generation_config.json value
         raise click.UsageError(str(e)) from None

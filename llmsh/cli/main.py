@@ -38,6 +38,9 @@ _LAZY_COMMANDS = {"bench": ("llmsh.cli.bench", "bench"), "score": ("llmsh.cli.ch
                   "serve": ("llmsh.cli.serve", "serve")}
 _ALIASES = {"ppl": "perplexity"}
 EXIT_INTERRUPT = 130
+# Added to `generate` when it runs without being named (`llmsh "prompt"`, `echo hi | llmsh`):
+# sampling as chat's, not generate's greedy defaults. Hidden: `llmsh generate` is the exact one.
+CHAT_DEFAULTS_FLAG = "--chat-defaults"
 
 
 class LlmshGroup(click.Group):
@@ -63,7 +66,15 @@ class LlmshGroup(click.Group):
         # As `llm "prompt"`: without a command name first, see routing.route.
         args = list(args)
         if args and args[0] not in ("-h", "--help", "-V", "--version") and self.get_command(ctx, args[0]) is None:
-            args = route(self, ctx, args, default_command, _ALIASES)
+            chosen = []
+
+            def by_default(has_prompt=False):
+                chosen.append(default_command(has_prompt))
+                return chosen[-1]
+
+            args = route(self, ctx, args, by_default, _ALIASES)
+            if chosen and args[0] == "generate":  # `llmsh "prompt"`: chat's defaults, as ollama run
+                args.insert(1, CHAT_DEFAULTS_FLAG)
         return super().parse_args(ctx, args)
 
     def resolve_command(self, ctx, args):
@@ -174,7 +185,7 @@ def cli(ctx):
     if ctx.invoked_subcommand is None:
         name = default_command()
         cmd = ctx.command.get_command(ctx, name)
-        with cmd.make_context(name, [], parent=ctx) as sub:
+        with cmd.make_context(name, [CHAT_DEFAULTS_FLAG] if name == "generate" else [], parent=ctx) as sub:
             cmd.invoke(sub)
 
 
@@ -230,17 +241,23 @@ def _write_json(obj) -> None:
 @tp_option
 @no_log_option
 @server_option
+@click.option(CHAT_DEFAULTS_FLAG, "chat_defaults", is_flag=True, hidden=True,
+              help="Sampling defaults of chat (what llmsh PROMPT without a command uses).")
 def generate(prompt, model, device, dtype, chat_mode, chat_template, system, max_tokens, n_ctx, temperature,
              top_k, top_p, min_p, repetition_penalty, seed, stop, stats, as_json, top_logprobs, errors, quantize,
-             compile_, tp, no_log, server):
+             compile_, tp, no_log, server, chat_defaults):
     """Generate one reply to PROMPT and stream it to stdout.
 
     The prompt is the arguments joined by spaces. When stdin is not a terminal, its content comes
     first, then a blank line, then the arguments. Sampling defaults come from the model's
-    generation_config.json (greedy unless it sets do_sample). Output is plain text when stdout is
-    not a terminal and always ends with a newline. "llmsh PROMPT" (no command) is the same as
-    "llmsh generate PROMPT". A model without a chat template (a base model) continues the prompt
-    (--raw) unless --chat-template gives one; --chat or --system without one is an error.
+    generation_config.json (greedy unless it sets do_sample; --temperature 0 is exact greedy).
+    Output is plain text when stdout is not a terminal and always ends with a newline. A model
+    without a chat template (a base model) continues the prompt (--raw) unless --chat-template
+    gives one; --chat or --system without one is an error.
+
+    "llmsh PROMPT" (no command) is "llmsh generate PROMPT" with chat's sampling defaults
+    (temperature 0.8, top-k 40, top-p 0.9, repetition penalty 1.1, a fresh seed each run; what
+    the model's generation_config.json sets wins), as "ollama run MODEL PROMPT" samples.
 
     \b
     Examples:
@@ -293,8 +310,9 @@ def generate(prompt, model, device, dtype, chat_mode, chat_template, system, max
     if len(ids) >= n_ctx:
         raise InputError(f"the prompt is {len(ids)} tokens but the context (--n-ctx) is {n_ctx} "
                          "tokens: it must leave room for at least one generated token")
-    params = sampling_params(lm.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
-                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    params = sampling_params(lm.generation_config, chat=chat_defaults, temperature=temperature,
+                             top_k=top_k, top_p=top_p, min_p=min_p,
+                             repetition_penalty=repetition_penalty, seed=seed)
     # Only as much cache as this run can use; a full cache ends generation with "length".
     cache = lm.decoder.new_cache(min(n_ctx, len(ids) + max_tokens))   # the decoder's own shape (a TP rank: its heads)
     setup_decoding(lm, min(max_tokens, cache.max_seq_len - len(ids)), compile_)
@@ -304,8 +322,10 @@ def generate(prompt, model, device, dtype, chat_mode, chat_template, system, max
         from ..scoring import GeneratedLogprobs
 
         logprobs = GeneratedLogprobs(top_logprobs)
+    bar = output.PrefillProgress()  # a long prompt's prefill on a terminal's stderr
     pieces = generate_text(lm.decoder, tok, ids, cache, params, max_new_tokens=max_tokens,
-                           stop_strings=list(stop), eos_ids=lm.eos_ids, stats=st, on_logits=logprobs)
+                           stop_strings=list(stop), eos_ids=lm.eos_ids, stats=st, on_logits=logprobs,
+                           on_prefill=bar)
     log = logs.open_for_logging(no_log or (group is not None and group.rank > 0))
     interrupted = False
     reply: list[str] = []
@@ -316,6 +336,8 @@ def generate(prompt, model, device, dtype, chat_mode, chat_template, system, max
                     reply.append(piece)
             except KeyboardInterrupt:           # Ctrl-C: the object of what was generated so far
                 interrupted = True
+            finally:
+                bar.close()
             tokens = list(st.token_ids)
             extra = {}
             if logprobs is not None:    # a Ctrl-C may fall between a token and its row
@@ -335,6 +357,7 @@ def generate(prompt, model, device, dtype, chat_mode, chat_template, system, max
             except KeyboardInterrupt:
                 interrupted = True
             finally:
+                bar.close()
                 out.finish()
     finally:  # also a reply cut short by Ctrl-C or an error: see record_generate
         logs.record_generate(log, lm, kind="generate" if chat_mode else "raw", system=system,
@@ -360,7 +383,8 @@ def _logprob_entry(tok, row) -> dict:
               help="Context length in tokens [default: the model's, capped at 8192].")
 @click.option("-s", "--system", metavar="TEXT", help="System message.")
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=None, metavar="N",
-              help="Most tokens per reply [default: until the end of the reply or the context].")
+              help="Most tokens per reply [default: 1024; /set max_tokens changes it, "
+                   "/set max_tokens none lifts it].")
 @sampling_options
 @click.option("--stats", is_flag=True, help="After each reply, print tokens, tokens/s, time to "
                                             "first token and context use.")
@@ -395,6 +419,11 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
     With stdin not a terminal, the whole input is one message and the reply is printed once.
     A model without a chat template (a base model) is refused: give one with --chat-template
     FILE, or continue plain text with "llmsh generate --raw".
+
+    Sampling defaults, as Ollama's: temperature 0.8, top-k 40, top-p 0.9, repetition penalty
+    1.1, and a seed chosen for the session (/show prints it; --seed N replays a chat), unless the
+    model's generation_config.json sets its own; replies stop at 1024 tokens (-n). Greedy
+    decoding (--temperature 0) makes small models repeat themselves.
 
     \b
     Examples:
@@ -449,12 +478,15 @@ def chat(model, device, dtype, n_ctx, system, max_tokens, temperature, top_k, to
     lm = load(model, device, dtype, quantize)
     use_chat_template(lm, chat_template)
     require_chat_template(lm, model, "use --raw with generate, or give one with --chat-template FILE")
-    params = sampling_params(lm.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
-                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-    setup_decoding(lm, max_tokens, compile_)   # automatic: by the per-reply limit (-n)
+    from ..sampling import CHAT_MAX_TOKENS
+
+    params = sampling_params(lm.generation_config, chat=True, temperature=temperature, top_k=top_k,
+                             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    setup_decoding(lm, max_tokens, compile_)   # automatic: by an explicit per-reply limit (-n) only
     store = logs.open_for_logging(no_log)
     try:
-        return run_chat(lm, params=params, n_ctx=n_ctx, system=system, max_tokens=max_tokens,
+        return run_chat(lm, params=params, n_ctx=n_ctx, system=system,
+                        max_tokens=CHAT_MAX_TOKENS if max_tokens is None else max_tokens,
                         stats=stats, history=not no_history, markdown=markdown,
                         stdin=io.StringIO(piped) if piped is not None else None,
                         log=logs.ChatLogger(store, output.notice) if store else None, resume=resume)

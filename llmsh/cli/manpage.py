@@ -28,7 +28,7 @@ _TAIL = """\
 .SH INPUT AND OUTPUT
 Model text goes to standard output; notices, statistics, progress and errors go to standard
 error. When standard output is not a terminal the output is plain text, with no colour and no
-escape codes, and it ends with a newline, except for tokenize \-\-decode, which prints the decoded
+escape codes, and it ends with a newline, except for tokenize \\-\\-decode, which prints the decoded
 text exactly (so that a round trip through tokenize keeps it byte for byte; a newline is added only
 on a terminal). Progress bars are drawn only when standard error is a
 terminal.

@@ -188,6 +188,51 @@ def progress(description: str) -> Iterator[Callable[[int, int], None]]:
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+# A prompt prefilled in one forward pass (generate's chunk: 512 tokens) shows no bar: it takes a
+# second or two; a longer one can take a minute on a CPU (7,800 tokens: 35-77 s).
+PREFILL_PROGRESS_MIN_TOKENS = 513
+
+
+class PrefillProgress:
+    """``update(done, total)`` for the engine's ``on_prefill``: a transient rich bar, "prefill
+    DONE/TOTAL tokens", on ``stream`` (default stderr) while a prompt of at least ``min_tokens``
+    is prefilled; only on a terminal (silent on a pipe or file, and on ranks other than 0). The
+    bar is gone when the prefill ends, before the reply is written; :meth:`close` removes it
+    after an interruption."""
+
+    def __init__(self, stream=None, min_tokens: int = PREFILL_PROGRESS_MIN_TOKENS):
+        self.stream = stream if stream is not None else stderr()
+        self.min_tokens = min_tokens
+        self.enabled = not quiet and is_terminal(self.stream)
+        self._bar = self._task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total < self.min_tokens:
+            return
+        if self._bar is None:
+            if done >= total:
+                return
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            console = Console(file=self.stream, no_color=not color_enabled(self.stream))
+            self._bar = Progress(TextColumn("prefill"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("tokens"), TimeRemainingColumn(), console=console,
+                                 transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("prefill", total=total)
+        self._bar.update(self._task, completed=done, total=total)
+        if done >= total:
+            self.close()
+        else:
+            self._bar.refresh()  # one chunk is seconds: show it now, not at the next tick
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
 def human_bytes(n: int | float) -> str:
     """``123456789`` → ``"117.7 MiB"`` (binary units, one decimal)."""
     n = float(n)

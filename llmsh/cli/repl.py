@@ -18,12 +18,14 @@ from pathlib import Path
 from ..errors import InputError, LlmshError
 from .repl_commands import ALIASES, COMMANDS, FORCED, PARAMS, SlashCommands, context_text, preview
 from .repl_output import Printer, print_reply, stats_line
+from .typeahead import hidden_typeahead
 from ..session import ChatSession
 
 # Re-exported: the CLI and tests import these from here.
-__all__ = ["run_chat", "read_message", "history_path", "COMMANDS", "ALIASES", "FORCED", "PARAMS",
+__all__ = ["run_chat", "read_message", "split_command", "history_path", "COMMANDS", "ALIASES", "FORCED", "PARAMS",
            "EXIT_HINT", "context_text", "preview", "stats_line"]
 
+REPLYING_COMMANDS = ("/regen", "/read")  # the slash commands that stream a reply
 EXIT_HINT = "(to leave, type /exit or press Ctrl-D)"
 
 
@@ -42,6 +44,32 @@ def _open_history(path: Path):
     os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
     os.chmod(path, 0o600)
     return FileHistory(str(path))
+
+
+def _message_history(inner):
+    """A prompt-toolkit History over ``inner`` that stores whole messages, not lines.
+
+    prompt-toolkit adds every accepted line, so a message typed over several lines (``\\`` or
+    ``\"\"\"``) would be recalled line by line; here those per-line additions are ignored and the
+    REPL adds each message once it is complete (:meth:`add_message`), so Up recalls it whole."""
+    from prompt_toolkit.history import History
+
+    class MessageHistory(History):
+        def load_history_strings(self):
+            return inner.load_history_strings()
+
+        def store_string(self, string: str) -> None:
+            inner.store_string(string)
+
+        def append_string(self, string: str) -> None:
+            pass  # one line of a message: see add_message
+
+        def add_message(self, text: str) -> None:
+            strings = self.get_strings()
+            if not strings or strings[-1] != text:  # as prompt-toolkit: no immediate repeats
+                History.append_string(self, text)
+
+    return MessageHistory()
 
 
 def _completer():
@@ -129,6 +157,18 @@ def read_message(prompt, notice=None) -> str:
     return "\n".join(lines)
 
 
+def split_command(text: str) -> tuple[str | None, str]:
+    """(slash command, None) or (None, message) for one input: a single line starting with ``/``
+    is a command, except that ``//`` escapes it (``//usr/bin is what?`` sends ``/usr/bin is
+    what?``); anything else, multi-line input included, is a message."""
+    stripped = text.strip()
+    if stripped.startswith("//"):
+        return None, text.lstrip()[1:]
+    if stripped.startswith("/") and "\n" not in stripped:
+        return text, ""
+    return None, text
+
+
 def run_chat(model, *, system: str | None = None, params=None, max_tokens: int | None = None,
              n_ctx: int | None = None, stats: bool = False, history: bool | str | Path = True,
              input=None, output=None, stdin=None, stdout=None, stderr=None,
@@ -137,7 +177,8 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
     """Run ``llmsh chat`` on ``model`` (a LoadedModel); return the exit status (0).
 
     Args:
-        system, params (SamplingParams; default from the model's generation_config), max_tokens,
+        system, params (SamplingParams; default: :func:`llmsh.sampling.chat_params` of the
+            model's generation_config), max_tokens,
             n_ctx: see :class:`ChatSession`.
         stats: print a statistics line after each reply.
         history: True: the history file of :func:`history_path`; a path: that file; False: none.
@@ -162,11 +203,13 @@ def run_chat(model, *, system: str | None = None, params=None, max_tokens: int |
                 markdown=markdown)
     if session is None:
         if params is None:
-            from ..sampling import SamplingParams
+            from ..sampling import chat_params
 
-            params = SamplingParams.from_generation_config(model.generation_config)
+            params = chat_params(model.generation_config)
+        from .output import PrefillProgress
+
         session = ChatSession(model, system=system, params=params, max_tokens=max_tokens, n_ctx=n_ctx,
-                              notice=p.notice)
+                              notice=p.notice, on_prefill=PrefillProgress(p.err))
     if log is not None or resume is not None:
         from .logs import attach
 
@@ -226,8 +269,10 @@ def _prompt_loop(session: ChatSession, p: Printer, stats: bool, history, input, 
             hist = _open_history(path)
         except OSError as e:
             p.notice(f"history disabled: cannot open {path}: {e.strerror or e}")
+    hist = _message_history(hist)
     ps = PromptSession(history=hist, completer=_completer(), complete_while_typing=False,
                        key_bindings=_key_bindings(), input=input, output=output)
+    keys = sys.stdin if input is None else None  # the terminal prompt-toolkit reads
     state = {"stats": stats}
     commands = SlashCommands(session, p, state)
     p.info(f"llmsh chat with {session.model.path.name}: /help for commands, Ctrl-D to leave")
@@ -241,12 +286,17 @@ def _prompt_loop(session: ChatSession, p: Printer, stats: bool, history, input, 
             break
         if not text.strip():
             continue
+        hist.add_message(text)
+        command, message = split_command(text)
+        # Keys typed during a reply do not echo into it (they reach the next prompt instead).
+        replies = command is None or command.split()[0].lower() in REPLYING_COMMANDS
         try:
-            if text.lstrip().startswith("/") and "\n" not in text.strip():
-                if commands.run(text):
-                    break
-            else:
-                print_reply(session, session.send(text), p, state["stats"])
+            with hidden_typeahead(keys if replies else None):
+                if command is not None:
+                    if commands.run(command):
+                        break
+                else:
+                    print_reply(session, session.send(message), p, state["stats"])
         except LlmshError as e:
             p.error(str(e))
         except KeyboardInterrupt:

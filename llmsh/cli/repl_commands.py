@@ -103,7 +103,8 @@ class SlashCommands:
         if name in FORCED:
             return bool(getattr(self, "do_" + FORCED[name][1:])(arg, force=True))
         if name not in COMMANDS:
-            raise InputError(f"unknown command {name}; /help lists the commands")
+            raise InputError(f"unknown command {name}; /help lists the commands "
+                             f"(to send a message that starts with /, type it as /{_clip(line.strip(), 40)})")
         return bool(getattr(self, "do_" + name[1:])(arg))
 
     def do_help(self, arg):
@@ -111,7 +112,10 @@ class SlashCommands:
         text = "\n".join(f"{k.ljust(width)}  {v}" for k, v in COMMANDS.items())
         self.p.info(text + '\nMulti-line input: end a line with \\ to continue, or wrap the text in """; '
                     "Ctrl-D on a continuation line ends the input and sends what was typed.\n"
-                    "Ctrl-C stops a reply (or discards the line being typed); Ctrl-D at the prompt "
+                    "A message that starts with / is sent by typing // for it: //usr/bin is what? "
+                    "sends '/usr/bin is what?'.\n"
+                    "Ctrl-C stops a reply (or discards the line being typed); keys typed during a "
+                    "reply are not shown in it but wait for the next prompt; Ctrl-D at the prompt "
                     "or /exit leaves.", "")
 
     def do_exit(self, arg):

@@ -88,9 +88,19 @@ def stats_line(session: ChatSession) -> str:
     return format_stats(session.last_stats, context_used=session.context_used, n_ctx=session.n_ctx)
 
 
+# What Ctrl-C left, by ChatSession.last_interrupt: the marker after an interrupted reply.
+INTERRUPTED = {
+    "partial reply kept": "[interrupted: the partial reply is kept; /regen for a new one, /undo to drop it]",
+    "message dropped": "[interrupted before the reply began: your message was not kept; "
+                       "press Up to recall it]",
+    "previous reply kept": "[interrupted before the new reply began: the previous reply is kept]",
+}
+
+
 def print_reply(session: ChatSession, reply, p: Printer, show_stats: bool, *, interactive: bool = True) -> None:
     """Print a reply iterator as it comes; Ctrl-C stops it and keeps the session consistent
-    (and, when not interactive, propagates so that the command exits)."""
+    (and, when not interactive, propagates so that the command exits), with a marker that says
+    what was kept. A reply cut by a full context ends with a marker too."""
     last = "\n"
     try:
         for piece in reply:
@@ -98,14 +108,18 @@ def print_reply(session: ChatSession, reply, p: Printer, show_stats: bool, *, in
             last = piece[-1]
     except KeyboardInterrupt:
         reply.close()
+        if hasattr(getattr(session, "on_prefill", None), "close"):  # Ctrl-C during the prefill: remove its bar
+            session.on_prefill.close()
         p.end_reply(last)
         if not interactive:
             raise
-        p.info("[interrupted: the partial reply is kept; /regen for a new one, /undo to drop it]", "yellow")
+        p.info(INTERRUPTED.get(getattr(session, "last_interrupt", None), "[interrupted]"), "yellow")
     except BaseException:
         p.end_reply(None)  # e.g. an error from the model: the Markdown view is closed all the same
         raise
     else:
         p.end_reply(last)
+        if getattr(session, "context_full", False):
+            p.info(f"[context full: {session.n_ctx} tokens; raise --n-ctx or /clear]", "yellow")
     if show_stats:
         p.info(stats_line(session))
