@@ -21,11 +21,10 @@ from typing import Callable
 
 import numpy as np
 
-from llmsh import gguf_vocab
+from llmsh import gguf_precision, gguf_vocab
 from llmsh.errors import ConvertError
 from llmsh.gguf_tensors import unpermute_rope  # noqa: F401  (re-exported: tests and callers use it here)
 
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 SOURCE_FILE = "llmsh-source.json"  # provenance in every folder llmsh writes (hub.SOURCE_FILE too)
 
 
@@ -100,46 +99,16 @@ def _config(meta: dict, hf_names: set, torch_dtype: str) -> dict:
     return cfg
 
 
-def _to_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    if dtype == "float32":
-        return a
-    if dtype == "float16":
-        return a.astype(np.float16)
-    # bfloat16: round to nearest even on the top 16 bits (numpy has no bfloat16 type)
-    u = a.view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+def _write_safetensors(path: Path, reader, plan: list, dtype: str, cfg: dict, progress) -> dict:
+    """Stream the tensors of ``plan`` into ``path`` in precision ``dtype`` (a
+    :data:`llmsh.gguf_precision.PRECISIONS` name); returns the tensor manifest."""
+    arch = _fields_arch(reader)
+    return gguf_precision.write_safetensors(path, arch, plan, cfg, dtype, progress)
 
 
-def _write_safetensors(path: Path, reader, plan: list, dtype: str, cfg: dict, progress) -> None:
-    """Stream tensors into a safetensors file: header first (shapes are known), then data."""
-    from gguf.quants import dequantize
-
-    itemsize = np.dtype(np.float32).itemsize if dtype == "float32" else 2
-    header, offset = {}, 0
-    for hf, t, shape in plan:
-        n = int(np.prod(shape)) * itemsize
-        header[hf] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    header["__metadata__"] = {"format": "pt", "source": "llmsh.convert (GGUF)"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for i, (hf, t, shape) in enumerate(plan):
-            try:
-                w = dequantize(t.data, t.tensor_type).reshape(shape)
-            except NotImplementedError:
-                raise ConvertError(f"cannot dequantize tensor {t.name} of type {t.tensor_type.name} (unsupported by the gguf package)") from None
-            # llama.cpp permutes q/k biases too (convert_hf_to_gguf.py LlamaModel.modify_tensors)
-            if ".q_proj." in hf:
-                w = unpermute_rope(w, n_q)
-            elif ".k_proj." in hf:
-                w = unpermute_rope(w, n_kv)
-            f.write(_to_dtype(w, dtype).tobytes())
-            if progress:
-                progress("convert", i + 1, len(plan))
+def _fields_arch(reader) -> str:
+    f = reader.fields.get("general.architecture")
+    return f.contents() if f is not None else "llama"
 
 
 def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool = False,
@@ -158,8 +127,8 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
     from gguf import GGUFReader
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if dtype not in _ST_DTYPES:
-        raise ConvertError(f"unsupported dtype {dtype!r} (choose from {', '.join(_ST_DTYPES)})")
+    if dtype not in gguf_precision.PRECISIONS:
+        raise ConvertError(f"unsupported dtype {dtype!r} (choose from {', '.join(gguf_precision.PRECISIONS)})")
     if out_dir.exists() and not overwrite:
         raise ConvertError(f"output folder {out_dir} already exists")
     try:
@@ -173,7 +142,7 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
                   key=lambda p: p[0])
     if len({p[0] for p in plan}) != len(plan):
         raise ConvertError(f"duplicate tensor names in GGUF file {gguf_path}")
-    cfg = _config(meta, {p[0] for p in plan}, dtype)
+    cfg = _config(meta, {p[0] for p in plan}, "float32" if dtype == gguf_precision.NATIVE else dtype)
     tokenizer_files = gguf_vocab.tokenizer_files(meta)  # refuses an unsupported vocabulary before any writing
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +156,8 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
         # Provenance: the mark that lets `convert --force` replace this folder (and nothing else).
         (work / SOURCE_FILE).write_text(json.dumps({"converted_from": str(gguf_path.resolve()),
                                                     "dtype": dtype}, indent=2) + "\n")
-        _write_safetensors(work / "model.safetensors", reader, plan, dtype, cfg, progress)
+        manifest = _write_safetensors(work / "model.safetensors", reader, plan, dtype, cfg, progress)
+        gguf_precision.write_manifest(work, manifest)
         del reader, plan  # release the memory map before renaming (Windows)
         if out_dir.exists():
             if not overwrite:  # someone else finished first; theirs stays

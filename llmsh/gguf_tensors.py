@@ -99,7 +99,7 @@ def fix_layout(arch: str, hf: str, w: np.ndarray, cfg: dict) -> np.ndarray:
     return w
 
 
-def row_blocks(t, budget: int = 1 << 22):
+def row_blocks(t, budget: int = 1 << 20):
     """(r0, r1) row ranges of GGUF tensor ``t`` of about ``budget`` weights each (one range for
     a vector): conversion works a block at a time so memory stays a few MB above the file."""
     shape = shape_of(t)
@@ -126,8 +126,8 @@ def float_rows(arch: str, hf: str, t, cfg: dict, r0: int, r1: int) -> np.ndarray
     check_type(t)
     shape = shape_of(t)
     raw = _rows(t, r0, r1) if len(shape) > 1 else np.asarray(t.data)
-    try:
-        w = dequantize(raw, t.tensor_type)
+    try:   # one flat row: dequantize() loops in Python over the rows of a 2-D input
+        w = dequantize(np.ascontiguousarray(raw).reshape(-1), t.tensor_type)
     except NotImplementedError:
         raise ConvertError(f"cannot dequantize tensor {t.name} of type {t.tensor_type.name} "
                            "(unsupported by the installed gguf package)") from None
@@ -159,10 +159,12 @@ def _affine_groups(t, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     head = nbytes - block // 2                      # the 4-bit values are each block's tail
     probe = raw.copy()
     probe[:, head:] = 0
-    offset = dequantize(probe, t.tensor_type).reshape(r1 - r0, k // GROUP, GROUP)[..., 0]
+    # dequantize() loops in Python over the rows of a 2-D input: give it one flat row
+    offset = dequantize(probe.reshape(-1), t.tensor_type).reshape(r1 - r0, k // GROUP, GROUP)[..., 0]
     probe[:, head:] = 0x11
-    scale = dequantize(probe, t.tensor_type).reshape(r1 - r0, k // GROUP, GROUP)[..., 0] - offset
-    w = dequantize(raw, t.tensor_type).reshape(r1 - r0, k // GROUP, GROUP)
+    scale = dequantize(probe.reshape(-1), t.tensor_type).reshape(r1 - r0, k // GROUP, GROUP)[..., 0] - offset
+    del probe
+    w = dequantize(raw.reshape(-1), t.tensor_type).reshape(r1 - r0, k // GROUP, GROUP)
     safe = np.where(scale == 0, 1, scale)[..., None]
     q = np.clip(np.rint((w - offset[..., None]) / safe), 0, 15).astype(np.uint8).reshape(r1 - r0, k)
     return q, scale.astype(np.float32), offset.astype(np.float32), w

@@ -148,6 +148,67 @@ class Int8Embedding(nn.Module):
         return self.weight[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
 
 
+class BF16Linear(nn.Module):
+    """y = x @ W^T + bias for a weight kept in bfloat16 (a GGUF type our int layouts cannot hold
+    exactly, widened; see :mod:`llmsh.gguf_precision`), whatever the activation dtype.
+
+    Buffers: weight (N, K) bfloat16, bias (N,) in the activation dtype or None. Input (..., K),
+    output (..., N) in the input's dtype. float32 inputs: up to ``SMALL_M`` rows (decode) the
+    product is taken in bfloat16 (the CPU's bfloat16 GEMV reads half the bytes); more rows
+    (prefill, scoring) widen the weight to float32 for one float32 GEMM, so prefill keeps
+    float32's accuracy at the cost of one float temporary.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.bfloat16, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x.dtype == torch.bfloat16:
+            y = F.linear(x2, self.weight)
+        elif x2.shape[0] > SMALL_M:
+            y = F.linear(x2, self.weight.to(x.dtype))
+        else:
+            y = F.linear(x2.to(torch.bfloat16), self.weight).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+class BF16Embedding(nn.Module):
+    """An embedding table kept in bfloat16: ids (...) -> (..., C) in ``dtype`` (rows widened)."""
+
+    def __init__(self, num: int, dim: int, dtype, device=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.dtype = num, dim, dtype
+        self.register_buffer("weight", torch.empty(num, dim, dtype=torch.bfloat16, device=device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].to(self.dtype)
+
+
+KEEP_DTYPE = (BF16Linear, BF16Embedding)   # modules whose weights a dtype cast must not touch
+
+
+def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype) -> dict[str, torch.Tensor]:
+    """:class:`Int4Linear` buffers from our stored int4 layout (:mod:`llmsh.gguf_precision`):
+    qweight (N, K/2) uint8 (even column in the low nibble), scales and zeros (N, K/32) float32
+    -> {"weight": packed for the CPU kernel, "scales_and_zeros": (K/32, N, 2) in ``dtype``}."""
+    q = torch.stack([qweight & 15, qweight >> 4], dim=-1).reshape(qweight.shape[0], -1).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    return {"weight": packed, "scales_and_zeros": sz}
+
+
+def unpack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """The float32 (N, K) weight of our stored int4 layout (see :func:`pack_int4`)."""
+    n = qweight.shape[0]
+    q = torch.stack([qweight & 15, qweight >> 4], dim=-1).reshape(n, -1, INT4_GROUP).float()
+    return ((q - 8) * scales.float()[..., None] + zeros.float()[..., None]).reshape(n, -1)
+
+
 def swap_modules(decoder, mode: str, dtype) -> None:
     """Replace every nn.Linear by Int8Linear / Int4Linear and the token embedding by
     Int8Embedding, in place, with empty buffers on the meta device (filled by loading).
