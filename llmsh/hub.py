@@ -2,8 +2,12 @@
 
 Layout of the cache (``llmsh_home()``)::
 
-    models/NAME/            a pulled registry model, or any model folder the user puts there
-    gguf/SHA256/            a .gguf file given with -m, converted once (keyed by file content)
+    models/NAME/            a pulled registry model, or any model folder the user puts there; one
+                            pulled from a GGUF holds it in the GGUF's own precision
+                            (:mod:`llmsh.gguf_precision`) and keeps the file as model.gguf
+    gguf/SHA256-PRECISION/  a .gguf file converted once per precision (keyed by the file's content):
+                            ``native`` (its own precision, the CPU default) or ``float32`` (every
+                            tensor dequantized: the reference, ``--dtype float32 --quantize none``)
     */.NAME.partial-PID-*   work in progress; renamed into place when complete
 
 The registry is data, not code: each row names a *source kind* (how to fetch) and a *format*
@@ -38,6 +42,8 @@ from llmsh.errors import LlmshError, ModelNotFoundError, PullError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 REGISTRY_FILE = Path(__file__).with_name("registry.json")
 SOURCE_FILE = "llmsh-source.json"  # provenance written into every folder we create
+KEPT_GGUF = "model.gguf"           # a pulled GGUF, kept for its other precisions
+NATIVE = "native"                  # llmsh.gguf_precision.NATIVE (not imported: it pulls in numpy)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total): "download", "verify", "convert"
 
@@ -213,7 +219,9 @@ def pull(name: str = DEFAULT_MODEL, *, progress: Progress | None = None, force: 
         raise ModelNotFoundError(f"unknown model name {name!r} (known: {', '.join(sorted(registry))})")
     entry, target = registry[name], models_dir() / name
     if target.is_dir() and not force:
-        return target
+        if not _stale(entry, target):
+            return target
+        force = True               # an older llmsh's float32 folder: replaced in place
     src, fmt = entry["source"], entry.get("format", "gguf")
     if src.get("kind") not in FETCHERS:
         raise PullError(f"model {name!r} has an unknown source kind {src.get('kind')!r} in the registry")
@@ -224,6 +232,7 @@ def pull(name: str = DEFAULT_MODEL, *, progress: Progress | None = None, force: 
         (tmp / "download").mkdir()
         fetched = FETCHERS[src["kind"]](src, tmp / "download")
         step("download", 1, 1)
+        digest = None
         if src.get("sha256"):
             step("verify", 0, 1)
             digest = sha256_file(fetched)
@@ -231,61 +240,105 @@ def pull(name: str = DEFAULT_MODEL, *, progress: Progress | None = None, force: 
                 raise PullError(f"checksum mismatch for {fetched.name} of model {name!r}: "
                                 f"got sha256 {digest}, expected {src['sha256']}")
             step("verify", 1, 1)
+        extra = {}
         if fmt == "gguf":
-            convert_gguf(fetched, out, dtype=entry.get("dtype", "float32"), progress=progress)
+            # The GGUF's own precision; the file is kept for the float32 reference (converted on demand).
+            convert_gguf(fetched, out, dtype=NATIVE, progress=progress)
+            os.replace(fetched, out / KEPT_GGUF)
+            extra = {"precision": NATIVE, "sha256": digest or sha256_file(out / KEPT_GGUF)}
         elif (fetched / "config.json").is_file():
             fetched.rename(out)
         else:
             raise PullError(f"source of model {name!r} has no config.json")
-        return {"name": name, "source": src, "format": fmt, "dtype": entry.get("dtype"),
+        return {"name": name, "source": src, "format": fmt, **extra,
                 "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     return _build_atomically(target, build, force=force)
 
 
-def gguf_cache_dir(gguf_path) -> Path:
-    """Where ``gguf_path`` is (or will be) converted: ``home/gguf/<sha256 of the file>``."""
-    return llmsh_home() / "gguf" / sha256_file(gguf_path)
+def _stale(entry: dict, folder: Path) -> bool:
+    """Whether a pulled GGUF model's folder predates precisions (an older llmsh dequantized it to
+    float32 and dropped the file): it must be pulled again to run in the GGUF's own precision."""
+    return entry.get("format", "gguf") == "gguf" and not (folder / KEPT_GGUF).is_file()
 
 
-def _resolve_gguf(path: Path, notice) -> Path:
+def _provenance(folder: Path) -> dict:
+    try:
+        info = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8"))
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def gguf_cache_dir(gguf_path, precision: str = NATIVE, sha256: str | None = None) -> Path:
+    """Where ``gguf_path`` is (or will be) converted in ``precision``:
+    ``home/gguf/<sha256 of the file>-<precision>`` (``sha256``: the file's, when already known)."""
+    return llmsh_home() / "gguf" / f"{sha256 or sha256_file(gguf_path)}-{precision}"
+
+
+def _resolve_gguf(path: Path, notice, precision: str = NATIVE, sha256: str | None = None) -> Path:
     from llmsh.convert import convert_gguf
 
-    target = gguf_cache_dir(path)
+    target = gguf_cache_dir(path, precision, sha256)
     if not target.is_dir():
         if notice:
-            notice(f"converting {path.name} into {target} (once)")
+            what = "its own precision" if precision == NATIVE else precision
+            notice(f"converting {path.name} ({what}) into {target} (once)")
 
         def build(tmp: Path, out: Path) -> dict:
-            convert_gguf(path, out)
-            return {"gguf_path": str(path.resolve()), "sha256": target.name}
+            convert_gguf(path, out, dtype=precision)
+            return {"gguf_path": str(path.resolve()), "sha256": target.name.rpartition("-")[0],
+                    "precision": precision}
 
         _build_atomically(target, build)
     return target
 
 
+def _in_precision(folder: Path, precision: str, notice) -> Path:
+    """``folder``, or for another precision than native the conversion of the GGUF it came from
+    (a pulled model's kept model.gguf, or the file a gguf/ folder was converted from)."""
+    if precision == NATIVE:
+        return folder
+    info = _provenance(folder)
+    if info.get("precision") != NATIVE:
+        return folder                     # a float checkpoint: the loader casts it
+    kept = folder / KEPT_GGUF
+    src = kept if kept.is_file() else Path(info.get("gguf_path", ""))
+    if not src.is_file():
+        return folder       # the GGUF is gone: the loader dequantizes what the folder holds
+    return _resolve_gguf(src, notice, precision, info.get("sha256"))
+
+
 def resolve_model(name_or_path=None, *, auto_pull: bool = True,
-                  notice: Callable[[str], None] | None = None) -> Path:
+                  notice: Callable[[str], None] | None = None, precision: str = NATIVE) -> Path:
     """Turn what the user passed to -m into a model folder.
 
     In order: an existing folder (returned as is); an existing ``.gguf`` file (converted once
-    into ``home/gguf/<sha256>``); a registry name (pulled if missing and ``auto_pull``, after a
-    one-line ``notice``); a folder name under ``home/models``. None means DEFAULT_MODEL.
+    into ``home/gguf/<sha256>-<precision>``); a registry name (pulled if missing and
+    ``auto_pull``, after a one-line ``notice``); a folder name under ``home/models``. None means
+    DEFAULT_MODEL. ``precision``: ``native`` (a GGUF's own, :mod:`llmsh.gguf_precision`) or
+    ``float32`` / ``bfloat16`` / ``float16`` (dequantized); a folder that came from a GGUF in
+    its own precision gives the other precisions from that GGUF, converted once.
     Raises ModelNotFoundError with what was tried; PullError / ConvertError from pulling.
     """
     name = str(name_or_path if name_or_path is not None else DEFAULT_MODEL)
     path = Path(name).expanduser()
     if path.is_dir():
-        return path
+        return _in_precision(path, precision, notice)
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            return _resolve_gguf(path, notice)
+            return _resolve_gguf(path, notice, precision)
         raise ModelNotFoundError(f"{name} is a file, not a model folder or a .gguf file")
     registry = load_registry()
     local = models_dir() / name
     if name in registry:
+        if local.is_dir() and _stale(registry[name], local) and auto_pull:
+            if notice:
+                notice(f"model {name!r} was converted by an older llmsh (float32 only): "
+                       "pulling it again, to keep the GGUF's own precision")
+            return _in_precision(pull(name, force=True), precision, notice)
         if local.is_dir():
-            return local
+            return _in_precision(local, precision, notice)
         if not auto_pull:
             raise ModelNotFoundError(f"model {name!r} is not downloaded yet: run `llmsh pull {name}`")
         try:  # an unusable cache fails before the download notice
@@ -295,9 +348,9 @@ def resolve_model(name_or_path=None, *, auto_pull: bool = True,
         if notice:
             size = registry[name].get("download_bytes")
             notice(f"model {name!r} is not here yet: downloading it{f' (~{size / 1e6:.0f} MB)' if size else ''} into {local}")
-        return pull(name)
+        return _in_precision(pull(name), precision, notice)
     if "/" not in name and os.sep not in name and local.is_dir():
-        return local
+        return _in_precision(local, precision, notice)
     if name.lower().endswith(".gguf") or "/" in name or os.sep in name:
         raise ModelNotFoundError(f"no such model file or folder: {name}")
     raise ModelNotFoundError(f"unknown model {name!r}: not a folder, a .gguf file or a known name "

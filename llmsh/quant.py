@@ -126,8 +126,19 @@ class Int4Linear(nn.Module):
                              torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
+    def keep_rows(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        """Also keep the weight's plain int4 rows (as :func:`pack_int4` takes them): float32
+        inputs of more than ``SMALL_M`` rows (prefill, scoring) then get a float32 GEMM on the
+        weight dequantized exactly, instead of the kernel's bfloat16 arithmetic. Costs K/2
+        bytes a row more; a GGUF's exact int4 weights keep it (:mod:`llmsh.weights`)."""
+        self.__dict__["_rows"] = (qweight, scales, zeros)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, sz = x.reshape(-1, self.in_features), self.scales_and_zeros
+        rows = self.__dict__.get("_rows")
+        if rows is not None and x.dtype == torch.float32 and x2.shape[0] > SMALL_M:
+            y = F.linear(x2, unpack_int4(*rows)).reshape(*x.shape[:-1], self.out_features)
+            return y + self.bias if self.bias is not None else y
         if x.dtype == torch.float32:      # the kernel is ~7x slower with float32 inputs
             x2, sz = x2.to(torch.bfloat16), _lp(self, "scales_and_zeros")
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz).to(x.dtype)

@@ -100,7 +100,7 @@ def load_state_dict(model_dir, config: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto", fuse: bool = True,
-                 quantize: str | None = None) -> Decoder:
+                 quantize: str | None = None, keep_stored: bool = True) -> Decoder:
     """Build a :class:`Decoder` for ``config`` and fill it from ``model_dir``'s safetensors.
 
     The decoder is returned in eval mode with ``requires_grad`` off, on ``device`` in ``dtype``
@@ -111,6 +111,15 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
     each projection and the embedding are quantized as they are read, int8 in blocks of rows
     (:mod:`llmsh.quant`), so peak memory stays near the quantized size; activations stay in
     ``dtype``. The whole checkpoint is checked (names, shapes) before anything is read.
+
+    A folder in a GGUF's own precision (one with :data:`llmsh.gguf_precision.MANIFEST`) loads,
+    on CPU without ``quantize`` and with ``keep_stored``, as stored: int4 weights into
+    :class:`~llmsh.quant.Int4Linear` (with their plain rows kept for an exact float32 prefill
+    when ``dtype`` is float32), int8 into :class:`~llmsh.quant.Int8Linear` /
+    ``Int8Embedding``, widened ones into ``BF16Linear`` / ``BF16Embedding``; q/k/v and gate/up
+    are fused only where their parts are stored alike; ``decoder.quantization`` is "native" and
+    ``decoder.tensor_kinds`` the manifest's :func:`~llmsh.gguf_precision.summary`. Otherwise
+    its int4/int8 tensors are dequantized (exactly) as they are read.
 
     Raises:
         WeightsError: missing or unreadable files, a missing or unexpected tensor, a shape that
@@ -137,7 +146,7 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
     aux = {f"{hf}.{x}" for hf, v in (manifest or {}).get("tensors", {}).items() if v["kind"] in gp.QUANT_KINDS
            for x in ("scales", "zeros")}
     # Kept as stored (int4/int8/bfloat16) on CPU unless a quantization or float weights were asked for.
-    native = (quantize is None and dev.type == "cpu"
+    native = (quantize is None and dev.type == "cpu" and keep_stored
               and any(k in (*gp.QUANT_KINDS, "bfloat16") for k in stored.values()))
     with torch.device("meta"):
         decoder = Decoder(config)
@@ -195,7 +204,7 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
             mod = modules.get(mod_name)
             kind = stored.get(parts[0][2])
             if native and attr == "weight" and kind in gp.QUANT_KINDS:
-                for k, v in _read_stored(parts, kind, dt).items():
+                for k, v in _read_stored(parts, kind, dt, mod).items():
                     state[f"{mod_name}.{k}"] = v
             elif quantize is not None and attr == "weight" and isinstance(mod, (quant.Int8Linear, quant.Int8Embedding)):
                 for k, v in _read_int8(parts, expected, config, dt, stored).items():
@@ -315,15 +324,18 @@ def _dequantized(f: CheckpointFile, key: str, kind: str, r0: int = 0, r1: int | 
     return f.read(key, r0, r1).float() * f.read(key + ".scales", r0, r1).float()[:, None]
 
 
-def _read_stored(parts, kind: str, dtype) -> dict[str, torch.Tensor]:
+def _read_stored(parts, kind: str, dtype, mod) -> dict[str, torch.Tensor]:
     """The Int4Linear / Int8Linear buffers of the weight made of ``parts`` (stacked by rows),
-    from their stored int4 / int8 rows as they are (no requantization)."""
+    from their stored int4 / int8 rows as they are (no requantization). An Int4Linear keeps
+    the plain rows too, for an exact float32 prefill (:meth:`llmsh.quant.Int4Linear.keep_rows`)."""
     from .quant import pack_int4
 
     q = torch.cat([f.read(key) for f, key, _ in parts])
     scales = torch.cat([f.read(key + ".scales") for f, key, _ in parts])
     if kind == "int4":
         zeros = torch.cat([f.read(key + ".zeros") for f, key, _ in parts])
+        if dtype == torch.float32:
+            mod.keep_rows(q, scales, zeros)
         return pack_int4(q, scales, zeros, dtype)
     return {"weight": q, "scales": scales.to(dtype)}
 

@@ -50,13 +50,14 @@ def bench(model, device, dtype, prompt_tokens, new_tokens, repetitions, quantize
 
     from ..bench import format_bench, run_bench
     from ..config import ModelConfig
-    from ..loader import LoadedModel, build_decoder, resolve_path
+    from ..loader import LoadedModel, build_decoder, precision_for, resolve_path
 
     if threads:
         torch.set_num_threads(threads)
     group, _ = ranks.setup(tp, device)
     t0 = time.perf_counter()
-    path = resolve_path(model, notice=output.notice, tensor_parallel=group)
+    path = resolve_path(model, notice=output.notice, tensor_parallel=group,
+                        precision=precision_for(device, quantize, group))
     config = ModelConfig.from_file(path)
     dec = build_decoder(path, config, device=device, dtype=dtype, quantize=quantize, tensor_parallel=group)
     lm = LoadedModel(path=path, config=config, decoder=dec, tokenizer=None,

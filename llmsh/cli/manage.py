@@ -54,6 +54,8 @@ def info(model, device, dtype, as_json, quantize):
         "adds_bos": bool(tok.add_bos),
         "chat_template": tok.chat_template is not None,
         "load_seconds": round(lm.load_seconds, 3),
+        # a GGUF-derived folder: what each GGUF tensor type became (llmsh.gguf_precision.summary)
+        "tensors": getattr(lm.decoder, "tensor_kinds", None) or [],
     }
     if as_json:
         _json_line(data)
@@ -69,7 +71,8 @@ def info(model, device, dtype, as_json, quantize):
         ("parameters", f"{output.human_count(n_params)} ({n_params:,})"),
         ("dtype", data["dtype"]),
         ("device", data["device"]),
-        ("quantization", data["quantization"]),
+        ("quantization", "native (the GGUF's own precision)" if data["quantization"] == "native"
+         else data["quantization"]),
         ("fused projections", "yes (q/k/v, gate/up)" if data["fused_projections"] else "no"),
         ("context length", f"{cfg.max_position_embeddings} tokens"),
         ("vocabulary", f"{cfg.vocab_size} tokens"),
@@ -79,9 +82,12 @@ def info(model, device, dtype, as_json, quantize):
         ("chat template", "yes" if data["chat_template"] else "no"),
         ("load time", f"{lm.load_seconds:.2f} s"),
     ]
+    from ..gguf_precision import describe
+
+    rows[6:6] = [("tensors" if i == 0 else "", describe(r)) for i, r in enumerate(data["tensors"])]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
-        click.echo(f"{k + ':':<{width + 1}} {v}")
+        click.echo(f"{k + ':' if k else '':<{width + 1}} {v}")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS, short_help="List cached and known models, with sizes.")
