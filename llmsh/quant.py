@@ -126,18 +126,19 @@ class Int4Linear(nn.Module):
                              torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
-    def keep_rows(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
-        """Also keep the weight's plain int4 rows (as :func:`pack_int4` takes them): float32
-        inputs of more than ``SMALL_M`` rows (prefill, scoring) then get a float32 GEMM on the
-        weight dequantized exactly, instead of the kernel's bfloat16 arithmetic. Costs K/2
-        bytes a row more; a GGUF's exact int4 weights keep it (:mod:`llmsh.weights`)."""
-        self.__dict__["_rows"] = (qweight, scales, zeros)
+    def exact_prefill(self) -> None:
+        """From now on, float32 inputs of more than ``SMALL_M`` rows (prefill, scoring) get a
+        float32 GEMM on the weight dequantized exactly from the packed buffer (block by block,
+        :func:`unpack_packed_int4`) instead of the kernel's bfloat16 arithmetic: a GGUF's exact
+        int4 weights then score as their float32 dequantization does. No-op where torch's
+        packed layout is not the one we read (:func:`packed_layout_known`)."""
+        if self.scales_and_zeros.dtype == torch.float32 and self.out_features % 64 == 0 and packed_layout_known():
+            self.__dict__["_exact_prefill"] = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, sz = x.reshape(-1, self.in_features), self.scales_and_zeros
-        rows = self.__dict__.get("_rows")
-        if rows is not None and x.dtype == torch.float32 and x2.shape[0] > SMALL_M:
-            y = F.linear(x2, unpack_int4(*rows)).reshape(*x.shape[:-1], self.out_features)
+        if self.__dict__.get("_exact_prefill") and x.dtype == torch.float32 and x2.shape[0] > SMALL_M:
+            y = F.linear(x2, unpack_packed_int4(self.weight, sz, self.group_size)).reshape(*x.shape[:-1], self.out_features)
             return y + self.bias if self.bias is not None else y
         if x.dtype == torch.float32:      # the kernel is ~7x slower with float32 inputs
             x2, sz = x2.to(torch.bfloat16), _lp(self, "scales_and_zeros")
@@ -166,8 +167,8 @@ class BF16Linear(nn.Module):
     Buffers: weight (N, K) bfloat16, bias (N,) in the activation dtype or None. Input (..., K),
     output (..., N) in the input's dtype. float32 inputs: up to ``SMALL_M`` rows (decode) the
     product is taken in bfloat16 (the CPU's bfloat16 GEMV reads half the bytes); more rows
-    (prefill, scoring) widen the weight to float32 for one float32 GEMM, so prefill keeps
-    float32's accuracy at the cost of one float temporary.
+    (prefill, scoring) widen the weight to float32, a block of rows at a time, for float32
+    GEMMs, so prefill keeps float32's accuracy.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device=None) -> None:
@@ -180,8 +181,11 @@ class BF16Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x.dtype == torch.bfloat16:
             y = F.linear(x2, self.weight)
-        elif x2.shape[0] > SMALL_M:
-            y = F.linear(x2, self.weight.to(x.dtype))
+        elif x2.shape[0] > SMALL_M:      # widened a block of rows at a time: ~16 MB of float32
+            step = max(1, (4 << 20) // self.in_features)
+            y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
+            for r in range(0, self.out_features, step):
+                torch.matmul(x2, self.weight[r:r + step].to(x.dtype).t(), out=y[:, r:r + step])
         else:
             y = F.linear(x2.to(torch.bfloat16), self.weight).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
@@ -207,10 +211,44 @@ def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     """:class:`Int4Linear` buffers from our stored int4 layout (:mod:`llmsh.gguf_precision`):
     qweight (N, K/2) uint8 (even column in the low nibble), scales and zeros (N, K/32) float32
     -> {"weight": packed for the CPU kernel, "scales_and_zeros": (K/32, N, 2) in ``dtype``}."""
-    q = torch.stack([qweight & 15, qweight >> 4], dim=-1).reshape(qweight.shape[0], -1).to(torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    n, half = qweight.shape
+    q = torch.empty(n, half, 2, dtype=torch.int32)
+    torch.bitwise_and(qweight, 15, out=q[..., 0])
+    torch.bitwise_right_shift(qweight, 4, out=q[..., 1])
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n, 2 * half), 1)
+    sz = torch.empty(scales.shape[1], n, 2, dtype=dtype)
+    sz[..., 0] = scales.t()
+    sz[..., 1] = zeros.t()
     return {"weight": packed, "scales_and_zeros": sz}
+
+
+def unpack_packed_int4(packed: torch.Tensor, sz: torch.Tensor, group_size: int = INT4_GROUP) -> torch.Tensor:
+    """The float32 (N, K) weight held by torch's CPU int4 packing (N a multiple of 64) and its
+    scales_and_zeros (K/g, N, 2): ``_convert_weight_to_int4pack_for_cpu`` stores each block of 64
+    rows as K × 32 bytes, byte (k, d) holding row d in its low nibble and row 32 + d in its high
+    one (aten/src/ATen/native/cpu/int4mm_kernel.cpp; checked by :func:`packed_layout_known`)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    p = packed.view(n // 64, k, 32)
+    q = torch.stack([p & 15, p >> 4], dim=1)                  # (N/64, 2, K, 32): rows d, 32 + d
+    q = q.permute(0, 1, 3, 2).reshape(n, k // group_size, group_size).float()
+    scales, zeros = sz[..., 0].t().unsqueeze(-1), sz[..., 1].t().unsqueeze(-1)   # (N, K/g, 1)
+    return ((q - 8) * scales + zeros).reshape(n, k)
+
+
+_LAYOUT_OK: list = []
+
+
+def packed_layout_known() -> bool:
+    """Whether this torch packs int4 as :func:`unpack_packed_int4` reads it (tried once)."""
+    if not _LAYOUT_OK:
+        q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        sz = torch.stack([torch.ones(2, 128), torch.full((2, 128), 8.0)], dim=-1)   # w = q
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            _LAYOUT_OK.append(tuple(packed.shape) == (128, 32) and torch.equal(unpack_packed_int4(packed, sz), q.float()))
+        except (RuntimeError, AttributeError):
+            _LAYOUT_OK.append(False)
+    return _LAYOUT_OK[0]
 
 
 def unpack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:

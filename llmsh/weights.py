@@ -114,8 +114,7 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
 
     A folder in a GGUF's own precision (one with :data:`llmsh.gguf_precision.MANIFEST`) loads,
     on CPU without ``quantize`` and with ``keep_stored``, as stored: int4 weights into
-    :class:`~llmsh.quant.Int4Linear` (with their plain rows kept for an exact float32 prefill
-    when ``dtype`` is float32), int8 into :class:`~llmsh.quant.Int8Linear` /
+    :class:`~llmsh.quant.Int4Linear` (with an exact float32 prefill when ``dtype`` is float32), int8 into :class:`~llmsh.quant.Int8Linear` /
     ``Int8Embedding``, widened ones into ``BF16Linear`` / ``BF16Embedding``; q/k/v and gate/up
     are fused only where their parts are stored alike; ``decoder.quantization`` is "native" and
     ``decoder.tensor_kinds`` the manifest's :func:`~llmsh.gguf_precision.summary`. Otherwise
@@ -245,6 +244,9 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
     else:
         decoder.tie_weights()
     if native:
+        for m in decoder.modules():
+            if "_after_load" in m.__dict__:
+                m.__dict__.pop("_after_load")()
         # The RoPE tables and float32 tensors take the compute dtype; widened weights stay bfloat16.
         for m in decoder.modules():
             if not isinstance(m, quant.KEEP_DTYPE):
@@ -327,16 +329,24 @@ def _dequantized(f: CheckpointFile, key: str, kind: str, r0: int = 0, r1: int | 
 def _read_stored(parts, kind: str, dtype, mod) -> dict[str, torch.Tensor]:
     """The Int4Linear / Int8Linear buffers of the weight made of ``parts`` (stacked by rows),
     from their stored int4 / int8 rows as they are (no requantization). An Int4Linear keeps
-    the plain rows too, for an exact float32 prefill (:meth:`llmsh.quant.Int4Linear.keep_rows`)."""
+    an exact float32 prefill (:meth:`llmsh.quant.Int4Linear.exact_prefill`)."""
     from .quant import pack_int4
 
-    q = torch.cat([f.read(key) for f, key, _ in parts])
-    scales = torch.cat([f.read(key + ".scales") for f, key, _ in parts])
+    def rows(suffix: str) -> torch.Tensor:      # the parts' rows read straight into one tensor
+        shapes = [f.shape(key + suffix) for f, key, _ in parts]
+        out = torch.empty((sum(s[0] for s in shapes), *shapes[0][1:]), dtype=parts[0][0].dtype(parts[0][1] + suffix))
+        r = 0
+        for (f, key, _), shape in zip(parts, shapes):
+            f.read_into(key + suffix, out[r:r + shape[0]])
+            r += shape[0]
+        return out
+
+    q, scales = rows(""), rows(".scales")
     if kind == "int4":
-        zeros = torch.cat([f.read(key + ".zeros") for f, key, _ in parts])
-        if dtype == torch.float32:
-            mod.keep_rows(q, scales, zeros)
-        return pack_int4(q, scales, zeros, dtype)
+        zeros = rows(".zeros")
+        out = pack_int4(q, scales, zeros, dtype)
+        mod.__dict__["_after_load"] = mod.exact_prefill     # once its buffers are assigned
+        return out
     return {"weight": q, "scales": scales.to(dtype)}
 
 
