@@ -5,8 +5,9 @@ tokenizer, built by :mod:`llmsh.gguf_vocab`; ``convert_hf_to_gguf.py`` for the t
 that we undo here). Only the ``llama`` architecture is supported so far; everything else is
 refused with a :class:`~llmsh.errors.ConvertError` rather than guessed.
 
-Weights are dequantized with ``gguf.quants.dequantize`` and streamed one tensor at a time
-into a safetensors file we write ourselves, so peak memory is one tensor, not the model.
+Weights are dequantized with ``gguf.quants.dequantize`` (or kept in their own precision, int4 /
+int8 where that is exact: :mod:`llmsh.gguf_precision`) and streamed a block of rows at a time
+into a safetensors file we write ourselves, so peak memory is a block, not the model.
 """
 
 from __future__ import annotations
@@ -116,10 +117,11 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
     """Convert a llama-architecture GGUF file into a Hugging Face-style folder; returns out_dir.
 
     Writes config.json, model.safetensors (dequantized to ``dtype``: float32 | float16 |
-    bfloat16, Q/K rows (and biases) un-permuted to HF layout; lm_head omitted and
+    bfloat16, or ``native``: the GGUF's own precision, see :mod:`llmsh.gguf_precision`; Q/K
+    rows (and biases) un-permuted to HF layout; lm_head omitted and
     tie_word_embeddings true when the file has no output.weight), the tokenizer files of
     :func:`llmsh.gguf_vocab.tokenizer_files` (tokenizer.json or tokenizer.model, tokenizer_config.json,
-    generation_config.json). Work happens in a hidden temp folder next to out_dir that is
+    generation_config.json), llmsh-tensors.json (what each tensor became). Work happens in a hidden temp folder next to out_dir that is
     renamed into place at the end, so a failure or interrupt leaves no half-written out_dir.
     progress(stage, done, total) is called after each tensor with stage "convert".
     Raises ConvertError (bad/unsupported file, quant type, tokenizer, existing out_dir).

@@ -177,8 +177,10 @@ def pull(name, force):
 @click.argument("gguf_file", metavar="MODEL.gguf",
                 type=click.Path(exists=True, dir_okay=False, readable=True))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True, help="dtype of the written weights (Q4/Q8 values are exact in float32).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "native"]), default="float32",
+              show_default=True, help="dtype of the written weights (Q4/Q8 values are exact in float32); "
+                                      "native: the GGUF's own precision (int4/int8 where exact, bfloat16 "
+                                      "elsewhere), as llmsh caches it.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if llmsh wrote it (it holds llmsh-source.json); "
                                            "any other non-empty folder is refused.")
 def convert(gguf_file, out_dir, dtype, force):
