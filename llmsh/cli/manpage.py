@@ -39,7 +39,10 @@ The model used when \\fB\\-m\\fR is not given (a folder, a .gguf file or a regis
 .TP
 .B LLMSH_HOME
 The model cache (default: the user cache directory, e.g. \\fI~/.cache/llmsh\\fR); pulled models
-live in \\fI$LLMSH_HOME/models/NAME\\fR, converted .gguf files in \\fI$LLMSH_HOME/gguf/SHA256\\fR.
+live in \\fI$LLMSH_HOME/models/NAME\\fR (a pulled GGUF in its own precision, the file kept as
+\\fImodel.gguf\\fR), converted .gguf files in \\fI$LLMSH_HOME/gguf/SHA256\\-PRECISION\\fR (PRECISION
+\\fBnative\\fR: the file's own, int4/int8 where exact and bfloat16 elsewhere, the CPU default;
+\\fBfloat32\\fR: every tensor dequantized, for \\fB\\-\\-quantize none\\fR).
 .TP
 .B NO_COLOR
 When set to a non\\-empty value, no colour is used even on a terminal.
