@@ -228,11 +228,11 @@ def unpack_packed_int4(packed: torch.Tensor, sz: torch.Tensor, group_size: int =
     rows as K × 32 bytes, byte (k, d) holding row d in its low nibble and row 32 + d in its high
     one (aten/src/ATen/native/cpu/int4mm_kernel.cpp; checked by :func:`packed_layout_known`)."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    p = packed.view(n // 64, k, 32)
-    q = torch.stack([p & 15, p >> 4], dim=1)                  # (N/64, 2, K, 32): rows d, 32 + d
-    q = q.permute(0, 1, 3, 2).reshape(n, k // group_size, group_size).float()
-    scales, zeros = sz[..., 0].t().unsqueeze(-1), sz[..., 1].t().unsqueeze(-1)   # (N, K/g, 1)
-    return ((q - 8) * scales + zeros).reshape(n, k)
+    p = packed.view(n // 64, k, 32).transpose(1, 2).contiguous()          # (N/64, 32, K) bytes
+    q = torch.cat([p & 15, p >> 4], dim=1).view(n, k // group_size, group_size)   # rows d, then 32 + d
+    scales, zeros = sz[..., 0].t().unsqueeze(-1).float(), sz[..., 1].t().unsqueeze(-1).float()   # (N, K/g, 1)
+    # (q − 8)·scale + zero, as q·scale + (zero − 8·scale): one multiply-add pass over the weight
+    return q.float().mul_(scales).add_(zeros - 8 * scales).view(n, k)
 
 
 _LAYOUT_OK: list = []

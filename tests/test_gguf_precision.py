@@ -186,7 +186,9 @@ def test_packed_int4_unpacks_exactly():
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     if not quant.packed_layout_known():
         pytest.skip("this torch packs int4 otherwise (the exact prefill is then off)")
-    torch.testing.assert_close(quant.unpack_packed_int4(packed, sz), quant.dequantize_int4(q, sz), rtol=0, atol=0)
+    torch.testing.assert_close(quant.unpack_packed_int4(packed, sz), quant.dequantize_int4(q, sz), rtol=1e-6, atol=1e-6)
+    unit = torch.stack([torch.ones(2, 192), torch.full((2, 192), 8.0)], dim=-1)      # w = q: the values themselves
+    assert torch.equal(quant.unpack_packed_int4(packed, unit), q.float())
 
 
 def test_info_says_what_each_type_became(tmp_path, tok):
