@@ -212,10 +212,13 @@ def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     qweight (N, K/2) uint8 (even column in the low nibble), scales and zeros (N, K/32) float32
     -> {"weight": packed for the CPU kernel, "scales_and_zeros": (K/32, N, 2) in ``dtype``}."""
     n, half = qweight.shape
-    q = torch.empty(n, half, 2, dtype=torch.int32)
-    torch.bitwise_and(qweight, 15, out=q[..., 0])
-    torch.bitwise_right_shift(qweight, 4, out=q[..., 1])
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n, 2 * half), 1)
+    q = torch.stack([qweight & 15, qweight >> 4], dim=-1).view(n, 2 * half)     # (N, K) uint8 0…15
+    if n % 64 == 0 and packed_layout_known():
+        # torch's layout (see unpack_packed_int4) built in uint8: no (N, K) int32 copy to convert
+        b = q.view(n // 64, 2, 32, 2 * half)
+        packed = (b[:, 0] | (b[:, 1] << 4)).transpose(1, 2).contiguous().view(n, half)
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
     sz = torch.empty(scales.shape[1], n, 2, dtype=dtype)
     sz[..., 0] = scales.t()
     sz[..., 1] = zeros.t()

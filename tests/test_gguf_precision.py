@@ -191,6 +191,16 @@ def test_packed_int4_unpacks_exactly():
     assert torch.equal(quant.unpack_packed_int4(packed, unit), q.float())
 
 
+@pytest.mark.parametrize("n", [192, 96])      # 96: not a multiple of torch's 64-row blocks
+def test_pack_int4_equals_torchs_packing(n):
+    qw = torch.randint(0, 256, (n, 32), dtype=torch.uint8)
+    q = torch.stack([qw & 15, qw >> 4], -1).view(n, 64).int()
+    scales, zeros = torch.rand(n, 2), torch.rand(n, 2)
+    out = quant.pack_int4(qw, scales, zeros, torch.float32)
+    assert torch.equal(out["weight"], torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+    assert torch.equal(out["scales_and_zeros"], torch.stack([scales, zeros], -1).transpose(0, 1))
+
+
 def test_info_says_what_each_type_became(tmp_path, tok):
     path = _gguf(tmp_path, tok, _q4_k_m_like)
     env = dict(os.environ, LLMSH_HOME=str(tmp_path / "home"), PYTHONPATH=os.getcwd())
