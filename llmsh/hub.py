@@ -375,6 +375,8 @@ def list_models() -> list[LocalModel]:
             except (OSError, ValueError):
                 info = {}
             name = info.get("gguf_path", str(p)) if is_gguf else p.name
+            if is_gguf and info.get("precision") not in (None, NATIVE):
+                name += f" ({info['precision']})"       # the same file's other precisions
             source = info.get("gguf_path") or (info.get("name") and "registry") or ""
             out.append(LocalModel(name=name, path=p, size_bytes=_folder_size(p), source=source))
     return out
