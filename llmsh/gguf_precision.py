@@ -110,6 +110,25 @@ def _blocks(arch: str, hf: str, t, kind: str, cfg: dict, transposed: bool):
         yield to_dtype(w, kind).tobytes()
 
 
+def _release(t) -> None:
+    """Drop the pages of GGUF tensor ``t`` from the reader's memory map (``MADV_DONTNEED``):
+    touched pages of a mapped file count in RSS, so converting would otherwise end up holding
+    the whole file; this way it holds about one tensor of it. Best effort (no-op elsewhere)."""
+    import mmap
+
+    base = getattr(t, "data", None)
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    offset, n = getattr(t, "data_offset", None), getattr(t, "n_bytes", None)
+    if base is None or offset is None or not n or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = int(offset) // mmap.PAGESIZE * mmap.PAGESIZE
+    try:
+        base.madvise(mmap.MADV_DONTNEED, start, int(offset) + int(n) - start)
+    except (OSError, ValueError):
+        pass
+
+
 def write_safetensors(path: Path, arch: str, plan: list, cfg: dict, precision: str, progress=None) -> dict:
     """Write ``plan`` ([(hf name, gguf ReaderTensor, shape)]) into the safetensors file ``path``
     in ``precision`` (see the module doc); returns the manifest (written beside it by the caller
@@ -119,7 +138,10 @@ def write_safetensors(path: Path, arch: str, plan: list, cfg: dict, precision: s
     """
     if precision not in PRECISIONS:
         raise ConvertError(f"unsupported precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-    kinds = [kind_of(t, hf, precision) for hf, t, _ in plan]
+    kinds = []
+    for hf, t, _ in plan:
+        kinds.append(kind_of(t, hf, precision))      # Q8_0: reads the tensor (int8_exact)
+        _release(t)
     header, offset, tensors = {}, 0, {}
     for (hf, t, shape), kind in zip(plan, kinds):
         transposed = kind not in QUANT_KINDS and gt.conv1d_transposed(arch, hf)
@@ -138,6 +160,7 @@ def write_safetensors(path: Path, arch: str, plan: list, cfg: dict, precision: s
             transposed = kind not in QUANT_KINDS and gt.conv1d_transposed(arch, hf)
             for chunk in _blocks(arch, hf, t, kind, cfg, transposed):
                 f.write(chunk)
+            _release(t)
             if progress:
                 progress("convert", i + 1, len(plan))
         if f.tell() != len(raw) + 8 + offset:   # a size computed up front that the data did not meet
