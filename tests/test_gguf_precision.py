@@ -222,3 +222,12 @@ def test_unsupported_precision_is_refused(tmp_path, tok):
 
     with pytest.raises(ConvertError, match="unsupported dtype 'int3'"):
         convert_gguf(_gguf(tmp_path, tok, QT.Q4_0), tmp_path / "x", dtype="int3")
+
+
+def test_precision_for():
+    from llmsh.loader import precision_for
+
+    assert precision_for("cpu", None) == precision_for("cpu", "auto") == "native"
+    assert precision_for("cpu", "none") == precision_for("cpu", "int4") == "float32"
+    assert precision_for(torch.device("cuda"), None) == "float32"        # int4 kernels are CPU-only here
+    assert precision_for("cpu", None, tensor_parallel=object()) == "float32"
