@@ -4,7 +4,7 @@ Precisions (the cache holds one folder per GGUF file and precision, see :mod:`ll
 
 - ``native`` (the default on CPU): each weight as :func:`llmsh.gguf_tensors.native_kind` says —
   ``int4`` (Q4_0 / Q4_1 / Q4_K, exact), ``int8`` (Q8_0 whose block scales our int8 rows hold
-  exactly), ``bfloat16`` (the other types, widened: not exact), ``float32`` (vectors, F32/F16).
+  exactly), ``bfloat16`` (the other types, widened: not exact), ``float32`` (vectors, F32 weights).
 - ``float32`` / ``bfloat16`` / ``float16``: every tensor dequantized (``gguf.quants``) and cast;
   ``float32`` is the exact reference that the parity tests use.
 

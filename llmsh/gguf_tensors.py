@@ -10,8 +10,8 @@ The GGUF's own precision (:func:`native_kind`): the types whose blocks are group
 with one scale and one offset (Q4_0, Q4_1, Q4_K) map exactly onto our int4 layout
 (:mod:`llmsh.quant`: ``w = (q - 8) · scale + zero``, q in 0…15); Q8_0 maps onto our int8 layout
 (one scale per row, q in −127…127) when each row's block scales are integer multiples of one
-scale that keep |q| ≤ 127; everything else is widened to bfloat16 (F32/F16 weights and all
-norms/biases stay float32).
+scale that keep |q| ≤ 127; everything else is widened to bfloat16 (F16 weights too; F32
+weights and all norms/biases stay float32).
 """
 
 from __future__ import annotations
@@ -226,11 +226,11 @@ def int8_rows(t, r0: int, r1: int) -> dict[str, np.ndarray]:
 
 def native_kind(t, hf: str) -> str:
     """What tensor ``t`` (HF name ``hf``) becomes in the GGUF's own precision: "int4", "int8",
-    "bfloat16" (widened) or "float32" (vectors, and F32/F16 weights)."""
+    "bfloat16" (widened; F16 and BF16 weights too) or "float32" (vectors, F32 weights)."""
     name = t.tensor_type.name
-    if len(t.shape) < 2 or not hf.endswith(".weight") or name in ("F32", "F16"):
+    if len(t.shape) < 2 or not hf.endswith(".weight") or name == "F32":
         return "float32"
-    if name == "BF16":
+    if name in ("BF16", "F16"):     # F16: half the bytes of float32, 3 bits of mantissa fewer
         return "bfloat16"
     if name in INT4_TYPES and shape_of(t)[-1] % GROUP == 0:
         return "int4"

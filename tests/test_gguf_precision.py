@@ -231,3 +231,17 @@ def test_precision_for():
     assert precision_for("cpu", "none") == precision_for("cpu", "int4") == "float32"
     assert precision_for(torch.device("cuda"), None) == "float32"        # int4 kernels are CPU-only here
     assert precision_for("cpu", None, tensor_parallel=object()) == "float32"
+
+
+def test_f16_weights_become_bfloat16_and_f32_norms_stay():
+    from types import SimpleNamespace
+
+    def tensor(qt, shape):
+        return SimpleNamespace(name="blk.0.ffn_up.weight", tensor_type=qt, shape=np.array(shape[::-1]),
+                               data=np.zeros(shape, np.float16 if qt == QT.F16 else np.float32))
+
+    w = tensor(QT.F16, (8, 64))
+    assert gp.kind_of(w, "model.layers.0.mlp.up_proj.weight", "native") == "bfloat16"
+    assert not gp.exact(w, "bfloat16") and gp.exact(w, "float32")
+    norm = tensor(QT.F32, (64,))
+    assert gp.kind_of(norm, "model.layers.0.input_layernorm.weight", "native") == "float32"
