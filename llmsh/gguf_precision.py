@@ -130,7 +130,8 @@ def _release(t) -> None:
 
 
 def write_safetensors(path: Path, arch: str, plan: list, cfg: dict, precision: str, progress=None) -> dict:
-    """Write ``plan`` ([(hf name, gguf ReaderTensor, shape)]) into the safetensors file ``path``
+    """Write ``plan`` ([(hf name, gguf ReaderTensor, shape)]; the shapes are taken from the
+    tensors, the plan's are not used) into the safetensors file ``path``
     in ``precision`` (see the module doc); returns the manifest (written beside it by the caller
     through :func:`write_manifest`). progress(stage, done, total) after each tensor ("convert").
 
@@ -143,7 +144,8 @@ def write_safetensors(path: Path, arch: str, plan: list, cfg: dict, precision: s
         kinds.append(kind_of(t, hf, precision))      # Q8_0: reads the tensor (int8_exact)
         _release(t)
     header, offset, tensors = {}, 0, {}
-    for (hf, t, shape), kind in zip(plan, kinds):
+    for (hf, t, _), kind in zip(plan, kinds):
+        shape = gt.shape_of(t)       # (out, in), whatever layout the plan gives GPT-2's Conv1D
         transposed = kind not in QUANT_KINDS and gt.conv1d_transposed(arch, hf)
         for key, dt, stored in _entries(hf, kind, shape, transposed):
             n = int(np.prod(stored)) * _SIZE[dt]
@@ -156,7 +158,7 @@ def write_safetensors(path: Path, arch: str, plan: list, cfg: dict, precision: s
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for i, ((hf, t, shape), kind) in enumerate(zip(plan, kinds)):
+        for i, ((hf, t, _), kind) in enumerate(zip(plan, kinds)):
             transposed = kind not in QUANT_KINDS and gt.conv1d_transposed(arch, hf)
             for chunk in _blocks(arch, hf, t, kind, cfg, transposed):
                 f.write(chunk)
