@@ -114,8 +114,8 @@ def load_decoder(model_dir, config: ModelConfig, *, device="auto", dtype="auto",
 
     A folder in a GGUF's own precision (one with :data:`llmsh.gguf_precision.MANIFEST`) loads,
     on CPU without ``quantize`` and with ``keep_stored``, as stored: int4 weights into
-    :class:`~llmsh.quant.Int4Linear` (with an exact float32 prefill when ``dtype`` is float32), int8 into :class:`~llmsh.quant.Int8Linear` /
-    ``Int8Embedding``, widened ones into ``BF16Linear`` / ``BF16Embedding``; q/k/v and gate/up
+    :class:`~llmsh.quant.Int4Linear` (with an exact float32 prefill when ``dtype`` is float32),
+    int8 into :class:`~llmsh.quant.Int8Linear` / ``Int8Embedding``, widened ones into ``BF16Linear`` / ``BF16Embedding``; q/k/v and gate/up
     are fused only where their parts are stored alike; ``decoder.quantization`` is "native" and
     ``decoder.tensor_kinds`` the manifest's :func:`~llmsh.gguf_precision.summary`. Otherwise
     its int4/int8 tensors are dequantized (exactly) as they are read.
