@@ -146,6 +146,10 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
         raise ConvertError(f"duplicate tensor names in GGUF file {gguf_path}")
     cfg = _config(meta, {p[0] for p in plan}, "float32" if dtype == gguf_precision.NATIVE else dtype)
     tokenizer_files = gguf_vocab.tokenizer_files(meta)  # refuses an unsupported vocabulary before any writing
+    # Read into meta and tokenizer_files: the vocabulary's per-token numpy views hold ~150 MB.
+    for key in [k for k in reader.fields if k.startswith("tokenizer.ggml.")]:
+        del reader.fields[key]
+    del meta
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
