@@ -102,6 +102,7 @@ def load_model(
     tokenizer = Tokenizer.from_dir(path)
     decoder = build_decoder(path, config, device=device, dtype=dtype, quantize=quantize,
                             tensor_parallel=tensor_parallel)
+    _trim_heap()
     param = next(decoder.parameters())
     return LoadedModel(
         path=Path(path),
@@ -114,6 +115,17 @@ def load_model(
         load_seconds=time.perf_counter() - t0,
     )
 
+
+
+def _trim_heap() -> None:
+    """Give the loader's freed temporaries back to the OS (glibc keeps freed heap pages, and they
+    count in RSS for the rest of the run). Best effort: a no-op without glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)     # no find_library: it runs ldconfig
+    except (OSError, AttributeError):
+        pass
 
 
 def precision_for(device, quantize, tensor_parallel=None) -> str:
