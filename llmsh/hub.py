@@ -270,10 +270,40 @@ def _provenance(folder: Path) -> dict:
         return {}
 
 
+SHA_INDEX = "sha256-index.json"   # home/gguf/: "path|size|mtime_ns" -> sha256, so a file is hashed once
+
+
+def gguf_sha256(gguf_path) -> str:
+    """The sha256 of ``gguf_path``, hashed once per (path, size, modification time): hashing a
+    1 GB file costs a second or more on every run otherwise. The index is rewritten atomically;
+    an unreadable one is ignored."""
+    path = Path(gguf_path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    index_file = llmsh_home() / "gguf" / SHA_INDEX
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        index = index if isinstance(index, dict) else {}
+    except (OSError, ValueError):
+        index = {}
+    if isinstance(index.get(key), str):
+        return index[key]
+    digest = sha256_file(path)
+    index[key] = digest
+    try:
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_file.with_name(f".{SHA_INDEX}.{os.getpid()}")
+        tmp.write_text(json.dumps(index, indent=0) + "\n", encoding="utf-8")
+        os.replace(tmp, index_file)
+    except OSError:
+        pass                      # a read-only cache still works, hashing every time
+    return digest
+
+
 def gguf_cache_dir(gguf_path, precision: str = NATIVE, sha256: str | None = None) -> Path:
     """Where ``gguf_path`` is (or will be) converted in ``precision``:
     ``home/gguf/<sha256 of the file>-<precision>`` (``sha256``: the file's, when already known)."""
-    return llmsh_home() / "gguf" / f"{sha256 or sha256_file(gguf_path)}-{precision}"
+    return llmsh_home() / "gguf" / f"{sha256 or gguf_sha256(gguf_path)}-{precision}"
 
 
 def _resolve_gguf(path: Path, notice, precision: str = NATIVE, sha256: str | None = None) -> Path:

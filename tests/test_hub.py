@@ -255,8 +255,9 @@ def test_resolve_folder_gguf_and_names(home, monkeypatch, tiny_gguf, tmp_path):
     f32 = hub.resolve_model(str(tiny_gguf[0]), notice=notices.append, precision="float32")
     assert f32 == home / "gguf" / f"{tiny_gguf[1]}-float32" and len(notices) == 2
     assert json.loads((f32 / "llmsh-source.json").read_text())["precision"] == "float32"
-    # converted once: the second resolve neither converts nor notices
+    # converted once: the second resolve neither converts nor notices (nor hashes the file again)
     monkeypatch.setattr("llmsh.convert.convert_gguf", lambda *a, **k: pytest.fail("converted twice"))
+    monkeypatch.setattr(hub, "sha256_file", lambda p: pytest.fail("hashed twice"))
     assert hub.resolve_model(tiny_gguf[0], notice=notices.append) == p and len(notices) == 2
     # a folder put under models/ is found by name
     (home / "models" / "mine").mkdir(parents=True)
@@ -320,7 +321,7 @@ def test_oserror_while_building_is_one_clear_error(home, monkeypatch, tiny_gguf)
     monkeypatch.setattr("llmsh.convert.convert_gguf", full)
     with pytest.raises(LlmshError, match="No space left on device"):
         hub.resolve_model(str(tiny_gguf[0]))
-    assert not [p for p in (home / "gguf").iterdir()]  # no partial left
+    assert not [p for p in (home / "gguf").iterdir() if p.name != hub.SHA_INDEX]  # no partial left
 
 
 def test_the_suite_never_uses_the_users_cache():
