@@ -8,6 +8,7 @@ Layout of the cache (``llmsh_home()``)::
     gguf/SHA256-PRECISION/  a .gguf file converted once per precision (keyed by the file's content):
                             ``native`` (its own precision, the CPU default) or ``float32`` (every
                             tensor dequantized: the reference, ``--dtype float32 --quantize none``)
+    gguf/sha256-index.json  the sha256 of each .gguf file seen, by path, size and mtime (hashed once)
     */.NAME.partial-PID-*   work in progress; renamed into place when complete
 
 The registry is data, not code: each row names a *source kind* (how to fetch) and a *format*
