@@ -7,8 +7,9 @@ that we undo here, :mod:`llmsh.gguf_tensors`). Architectures: those of
 :mod:`llmsh.gguf_config` builds; everything else is refused with a
 :class:`~llmsh.errors.ConvertError` rather than guessed.
 
-Weights are dequantized with ``gguf.quants.dequantize`` and streamed one tensor at a time
-into a safetensors file we write ourselves, so peak memory is one tensor, not the model.
+Weights are dequantized with ``gguf.quants.dequantize`` (or kept in their own precision, int4 /
+int8 where that is exact: :mod:`llmsh.gguf_precision`) and streamed a block of rows at a time
+into a safetensors file we write ourselves, so peak memory is a block, not the model.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from typing import Callable
 
 import numpy as np
 
-from llmsh import gguf_config, gguf_tensors, gguf_vocab
+from llmsh import gguf_config, gguf_precision, gguf_tensors, gguf_vocab
 from llmsh.errors import ConvertError
 from llmsh.gguf_tensors import unpermute_rope  # noqa: F401  (re-exported: tests and callers use it here)
 
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 SOURCE_FILE = "llmsh-source.json"  # provenance in every folder llmsh writes (hub.SOURCE_FILE too)
 
 
@@ -74,42 +74,16 @@ def _plan(reader, arch: str) -> tuple[list, dict]:
     return sorted(plan, key=lambda p: p[0]), extra
 
 
-def _float_tensor(arch: str, hf: str, t, cfg: dict) -> np.ndarray:
-    """Tensor ``t`` dequantized to float32 in its Hugging Face layout (llama q/k un-permuted,
-    Gemma norms minus one, GPT-2 Conv1D transposed back to (in, out))."""
-    w = gguf_tensors.float_rows(arch, hf, t, cfg, 0, gguf_tensors.shape_of(t)[0] if len(t.shape) > 1 else 1)
-    return w.T if gguf_tensors.conv1d_transposed(arch, hf) else w
+def _write_safetensors(path: Path, reader, plan: list, dtype: str, cfg: dict, progress) -> dict:
+    """Stream the tensors of ``plan`` into ``path`` in precision ``dtype`` (a
+    :data:`llmsh.gguf_precision.PRECISIONS` name); returns the tensor manifest."""
+    arch = _fields_arch(reader)
+    return gguf_precision.write_safetensors(path, arch, plan, cfg, dtype, progress)
 
 
-def _to_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    if dtype == "float32":
-        return a
-    if dtype == "float16":
-        return a.astype(np.float16)
-    # bfloat16: round to nearest even on the top 16 bits (numpy has no bfloat16 type)
-    u = a.view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def _write_safetensors(path: Path, reader, plan: list, dtype: str, cfg: dict, progress) -> None:
-    """Stream tensors into a safetensors file: header first (shapes are known), then data."""
-    itemsize = np.dtype(np.float32).itemsize if dtype == "float32" else 2
-    header, offset = {}, 0
-    for hf, t, shape in plan:
-        n = int(np.prod(shape)) * itemsize
-        header[hf] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    header["__metadata__"] = {"format": "pt", "source": "llmsh.convert (GGUF)"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for i, (hf, t, shape) in enumerate(plan):
-            w = _float_tensor(_arch_of(cfg), hf, t, cfg).reshape(shape)
-            f.write(_to_dtype(w, dtype).tobytes())
-            if progress:
-                progress("convert", i + 1, len(plan))
+def _fields_arch(reader) -> str:
+    f = reader.fields.get("general.architecture")
+    return f.contents() if f is not None else "llama"
 
 
 def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool = False,
@@ -117,11 +91,12 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
     """Convert a GGUF file (llama, qwen2, qwen3, gemma3 or gpt2) into a Hugging Face-style folder; returns out_dir.
 
     Writes config.json, model.safetensors (dequantized to ``dtype``: float32 | float16 |
-    bfloat16, in HF layout: llama Q/K rows (and biases) un-permuted, Gemma norms minus one,
-    GPT-2 Conv1D weights (in, out); lm_head omitted and
+    bfloat16, or ``native``: the GGUF's own precision, see :mod:`llmsh.gguf_precision`; in HF
+    layout: llama Q/K rows (and biases) un-permuted, Gemma norms minus one, GPT-2 Conv1D weights
+    (in, out); lm_head omitted and
     tie_word_embeddings true when the file has no output.weight), the tokenizer files of
     :func:`llmsh.gguf_vocab.tokenizer_files` (tokenizer.json or tokenizer.model, tokenizer_config.json,
-    generation_config.json). Work happens in a hidden temp folder next to out_dir that is
+    generation_config.json), llmsh-tensors.json (what each tensor became). Work happens in a hidden temp folder next to out_dir that is
     renamed into place at the end, so a failure or interrupt leaves no half-written out_dir.
     progress(stage, done, total) is called after each tensor with stage "convert".
     Raises ConvertError (bad/unsupported file, quant type, tokenizer, existing out_dir).
@@ -129,8 +104,8 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
     from gguf import GGUFReader
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if dtype not in _ST_DTYPES:
-        raise ConvertError(f"unsupported dtype {dtype!r} (choose from {', '.join(_ST_DTYPES)})")
+    if dtype not in gguf_precision.PRECISIONS:
+        raise ConvertError(f"unsupported dtype {dtype!r} (choose from {', '.join(gguf_precision.PRECISIONS)})")
     if out_dir.exists() and not overwrite:
         raise ConvertError(f"output folder {out_dir} already exists")
     try:
@@ -142,8 +117,13 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
     plan, extra = _plan(reader, arch)
     if len({p[0] for p in plan}) != len(plan):
         raise ConvertError(f"duplicate tensor names in GGUF file {gguf_path}")
-    cfg = _config(meta, {hf: shape for hf, _, shape in plan}, dtype, extra)
+    cfg = _config(meta, {hf: shape for hf, _, shape in plan},
+                  "float32" if dtype == gguf_precision.NATIVE else dtype, extra)
     tokenizer_files = gguf_vocab.tokenizer_files(meta)  # refuses an unsupported vocabulary before any writing
+    # Read into meta and tokenizer_files: the vocabulary's per-token numpy views hold ~150 MB.
+    for key in [k for k in reader.fields if k.startswith("tokenizer.ggml.")]:
+        del reader.fields[key]
+    del meta
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
@@ -156,7 +136,8 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", *, overwrite: bool 
         # Provenance: the mark that lets `convert --force` replace this folder (and nothing else).
         (work / SOURCE_FILE).write_text(json.dumps({"converted_from": str(gguf_path.resolve()),
                                                     "dtype": dtype}, indent=2) + "\n")
-        _write_safetensors(work / "model.safetensors", reader, plan, dtype, cfg, progress)
+        manifest = _write_safetensors(work / "model.safetensors", reader, plan, dtype, cfg, progress)
+        gguf_precision.write_manifest(work, manifest)
         del reader, plan  # release the memory map before renaming (Windows)
         if out_dir.exists():
             if not overwrite:  # someone else finished first; theirs stays

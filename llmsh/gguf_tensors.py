@@ -10,8 +10,8 @@ The GGUF's own precision (:func:`native_kind`): the types whose blocks are group
 with one scale and one offset (Q4_0, Q4_1, Q4_K) map exactly onto our int4 layout
 (:mod:`llmsh.quant`: ``w = (q - 8) · scale + zero``, q in 0…15); Q8_0 maps onto our int8 layout
 (one scale per row, q in −127…127) when each row's block scales are integer multiples of one
-scale that keep |q| ≤ 127; everything else is widened to bfloat16 (F32/F16 weights and all
-norms/biases stay float32).
+scale that keep |q| ≤ 127; everything else is widened to bfloat16 (F16 weights too; F32
+weights and all norms/biases stay float32).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def fix_layout(arch: str, hf: str, w: np.ndarray, cfg: dict) -> np.ndarray:
     return w
 
 
-def row_blocks(t, budget: int = 1 << 22):
+def row_blocks(t, budget: int = 1 << 20):
     """(r0, r1) row ranges of GGUF tensor ``t`` of about ``budget`` weights each (one range for
     a vector): conversion works a block at a time so memory stays a few MB above the file."""
     shape = shape_of(t)
@@ -126,8 +126,8 @@ def float_rows(arch: str, hf: str, t, cfg: dict, r0: int, r1: int) -> np.ndarray
     check_type(t)
     shape = shape_of(t)
     raw = _rows(t, r0, r1) if len(shape) > 1 else np.asarray(t.data)
-    try:
-        w = dequantize(raw, t.tensor_type)
+    try:   # one flat row: dequantize() loops in Python over the rows of a 2-D input
+        w = dequantize(np.ascontiguousarray(raw).reshape(-1), t.tensor_type)
     except NotImplementedError:
         raise ConvertError(f"cannot dequantize tensor {t.name} of type {t.tensor_type.name} "
                            "(unsupported by the installed gguf package)") from None
@@ -159,10 +159,12 @@ def _affine_groups(t, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     head = nbytes - block // 2                      # the 4-bit values are each block's tail
     probe = raw.copy()
     probe[:, head:] = 0
-    offset = dequantize(probe, t.tensor_type).reshape(r1 - r0, k // GROUP, GROUP)[..., 0]
+    # dequantize() loops in Python over the rows of a 2-D input: give it one flat row
+    offset = dequantize(probe.reshape(-1), t.tensor_type).reshape(r1 - r0, k // GROUP, GROUP)[..., 0]
     probe[:, head:] = 0x11
-    scale = dequantize(probe, t.tensor_type).reshape(r1 - r0, k // GROUP, GROUP)[..., 0] - offset
-    w = dequantize(raw, t.tensor_type).reshape(r1 - r0, k // GROUP, GROUP)
+    scale = dequantize(probe.reshape(-1), t.tensor_type).reshape(r1 - r0, k // GROUP, GROUP)[..., 0] - offset
+    del probe
+    w = dequantize(raw.reshape(-1), t.tensor_type).reshape(r1 - r0, k // GROUP, GROUP)
     safe = np.where(scale == 0, 1, scale)[..., None]
     q = np.clip(np.rint((w - offset[..., None]) / safe), 0, 15).astype(np.uint8).reshape(r1 - r0, k)
     return q, scale.astype(np.float32), offset.astype(np.float32), w
@@ -224,11 +226,11 @@ def int8_rows(t, r0: int, r1: int) -> dict[str, np.ndarray]:
 
 def native_kind(t, hf: str) -> str:
     """What tensor ``t`` (HF name ``hf``) becomes in the GGUF's own precision: "int4", "int8",
-    "bfloat16" (widened) or "float32" (vectors, and F32/F16 weights)."""
+    "bfloat16" (widened; F16 and BF16 weights too) or "float32" (vectors, F32 weights)."""
     name = t.tensor_type.name
-    if len(t.shape) < 2 or not hf.endswith(".weight") or name in ("F32", "F16"):
+    if len(t.shape) < 2 or not hf.endswith(".weight") or name == "F32":
         return "float32"
-    if name == "BF16":
+    if name in ("BF16", "F16"):     # F16: half the bytes of float32, 3 bits of mantissa fewer
         return "bfloat16"
     if name in INT4_TYPES and shape_of(t)[-1] % GROUP == 0:
         return "int4"

@@ -5,8 +5,12 @@ Layout of the cache (``llmsh_home()``)::
     models/NAME/            a pulled registry model: its verified .gguf file (or, for an ``hf``
                             source or a pull by an older llmsh, a ready model folder), or any
                             model folder the user puts there
-    gguf/SHA256/            a .gguf file converted once (keyed by file content): one given with
-                            -m, or a pulled registry model's, converted when first needed
+    gguf/SHA256-PRECISION/  a .gguf file converted once per precision (keyed by the file's
+                            content): one given with -m, or a pulled registry model's, converted
+                            when first needed; PRECISION ``native`` (the file's own,
+                            :mod:`llmsh.gguf_precision`: the CPU default) or ``float32`` (every
+                            tensor dequantized: the reference, ``--dtype float32 --quantize none``)
+    gguf/sha256-index.json  the sha256 of each .gguf file seen, by path, size and mtime (hashed once)
     */.NAME.partial-PID-*   work in progress; renamed into place when complete
     */.NAME.lock            held (flock) by the process that pulls or converts NAME; another one
                             waits for it, then uses its result. The kernel releases the lock of a
@@ -43,6 +47,7 @@ except ImportError:  # Windows: no advisory locks here; concurrent pulls there e
 DEFAULT_MODEL = "smollm2-135m-instruct"
 REGISTRY_FILE = Path(__file__).with_name("registry.json")
 SOURCE_FILE = "llmsh-source.json"  # provenance written into every folder we create
+NATIVE = "native"                  # llmsh.gguf_precision.NATIVE (not imported: it pulls in numpy)
 
 # (stage, done, total): "download" and "verify" count bytes (total None when unknown), "convert"
 # counts tensors.
@@ -197,12 +202,14 @@ def _locked(target: Path, notice: Callable[[str], None] | None = None, doing: st
 
 
 def pull(name: str = DEFAULT_MODEL, *, progress: Progress | None = None, force: bool = False,
-         notice: Callable[[str], None] | None = None) -> Path:
+         notice: Callable[[str], None] | None = None, precision: str = NATIVE) -> Path:
     """Fetch and verify registry model ``name`` into ``models/NAME``; returns the folder to load.
 
     That folder is ``models/NAME`` for an ``hf`` source; for a ``gguf`` source, ``models/NAME``
-    keeps the verified .gguf file and the returned folder is its conversion (``gguf/SHA256``, made
-    here, or kept from an earlier run). Already present and not ``force``: nothing is fetched.
+    keeps the verified .gguf file and the returned folder is its conversion in ``precision``
+    (``gguf/SHA256-PRECISION``, made here, or kept from an earlier run). Already present and not
+    ``force``: nothing is fetched. A ``models/NAME`` that an older llmsh converted to float32 (a
+    folder without the .gguf) is pulled again, so that the model runs in the GGUF's own precision.
     All work happens in hidden partial folders renamed into place at the end, so an interrupted
     or failed pull leaves nothing half-written, and the next pull starts clean; a pull whose
     conversion fails keeps the verified download (the next pull converts, without fetching).
@@ -218,6 +225,11 @@ def pull(name: str = DEFAULT_MODEL, *, progress: Progress | None = None, force: 
     kind = src.get("kind")
     if kind not in FETCHERS:
         raise PullError(f"model {name!r} has an unknown source kind {kind!r} in the registry")
+    if target.is_dir() and not force and _stale(entry, target):
+        if notice:
+            notice(f"model {name!r} was converted by an older llmsh (float32 only): pulling it "
+                   "again, to keep the GGUF's own precision")
+        force = True
     step = progress or (lambda stage, done, total: None)
 
     def build(tmp: Path, out: Path) -> dict:
@@ -253,9 +265,17 @@ def pull(name: str = DEFAULT_MODEL, *, progress: Progress | None = None, force: 
                 _build_atomically(target, build, force=force)
                 # converted under the same lock, so that the waiters find it done; no notice:
                 # the conversion right after a download is part of the pull the caller announced
-                return _loadable(target, notice=notice, progress=progress, force=force, announce=False)
+                return _loadable(target, notice=notice, progress=progress, force=force, announce=False,
+                                 precision=precision)
     # a later conversion (the first after a failed or interrupted one) gets its own notice
-    return _loadable(target, notice=notice, progress=progress)
+    return _loadable(target, notice=notice, progress=progress, precision=precision)
+
+
+def _stale(entry: dict, folder: Path) -> bool:
+    """Whether ``models/NAME`` of a GGUF registry model is an older llmsh's float32 conversion
+    (config.json, no .gguf kept): it must be pulled again to run in the GGUF's own precision."""
+    return (entry.get("format", "gguf") == "gguf" and (folder / "config.json").is_file()
+            and not _read_source(folder).get("gguf"))
 
 
 def _read_source(folder: Path) -> dict:
@@ -267,11 +287,13 @@ def _read_source(folder: Path) -> dict:
 
 
 def _loadable(folder: Path, *, notice=None, progress: Progress | None = None, force: bool = False,
-              announce: bool = True) -> Path:
-    """The folder to load for ``folder``: itself, unless it is a pulled registry model that holds
-    a verified .gguf file (no config.json): then that file's conversion, made now if missing."""
+              announce: bool = True, precision: str = NATIVE) -> Path:
+    """The folder to load for ``folder``: itself (or, for another precision than native, the
+    conversion of the GGUF it came from: :func:`_in_precision`), unless it is a pulled registry
+    model that holds a verified .gguf file (no config.json): then that file's conversion in
+    ``precision``, made now if missing."""
     if (folder / "config.json").is_file():
-        return folder
+        return _in_precision(folder, precision, notice)
     info = _read_source(folder)
     gguf, sha = info.get("gguf"), info.get("sha256")
     if not isinstance(gguf, str) or Path(gguf).name != gguf or not (folder / gguf).is_file():
@@ -280,35 +302,82 @@ def _loadable(folder: Path, *, notice=None, progress: Progress | None = None, fo
         sha = None  # hashed again rather than trusted as a folder name
     try:
         return _resolve_gguf(folder / gguf, notice, progress=progress, sha256=sha,
-                             force=force, announce=announce)
+                             force=force, announce=announce, precision=precision)
     except ConvertError as e:
         raise ConvertError(f"{e} (the verified download is kept: {folder / gguf})") from None
 
 
-def gguf_cache_dir(gguf_path) -> Path:
-    """Where ``gguf_path`` is (or will be) converted: ``home/gguf/<sha256 of the file>``."""
-    return llmsh_home() / "gguf" / sha256_file(gguf_path)
+def _in_precision(folder: Path, precision: str, notice) -> Path:
+    """``folder``, or for another precision than native the conversion of the GGUF that a
+    native folder was converted from (its provenance names the file)."""
+    if precision == NATIVE:
+        return folder
+    info = _read_source(folder)
+    if info.get("precision") != NATIVE:
+        return folder                     # a float checkpoint: the loader casts it
+    src = Path(info.get("gguf_path", ""))
+    if not src.is_file():
+        return folder       # the GGUF is gone: the loader dequantizes what the folder holds
+    return _resolve_gguf(src, notice, precision=precision, sha256=info.get("sha256"))
 
 
-def _resolve_gguf(path: Path, notice, *, progress: Progress | None = None,
-                  sha256: str | None = None, force: bool = False, announce: bool = True) -> Path:
-    """The conversion of the .gguf file ``path`` (``sha256``: its known digest, not recomputed),
-    converted now under the lock if missing (after a ``notice`` if ``announce``); a concurrent
-    conversion is waited for and reused."""
+SHA_INDEX = "sha256-index.json"   # home/gguf/: "path|size|mtime_ns" -> sha256, so a file is hashed once
+
+
+def gguf_sha256(gguf_path) -> str:
+    """The sha256 of ``gguf_path``, hashed once per (path, size, modification time): hashing a
+    1 GB file costs a second or more on every run otherwise. The index is rewritten atomically;
+    an unreadable one is ignored."""
+    path = Path(gguf_path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    index_file = llmsh_home() / "gguf" / SHA_INDEX
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        index = index if isinstance(index, dict) else {}
+    except (OSError, ValueError):
+        index = {}
+    if isinstance(index.get(key), str):
+        return index[key]
+    digest = sha256_file(path)
+    index[key] = digest
+    try:
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_file.with_name(f".{SHA_INDEX}.{os.getpid()}")
+        tmp.write_text(json.dumps(index, indent=0) + "\n", encoding="utf-8")
+        os.replace(tmp, index_file)
+    except OSError:
+        pass                      # a read-only cache still works, hashing every time
+    return digest
+
+
+def gguf_cache_dir(gguf_path, precision: str = NATIVE, sha256: str | None = None) -> Path:
+    """Where ``gguf_path`` is (or will be) converted in ``precision``:
+    ``home/gguf/<sha256 of the file>-<precision>`` (``sha256``: the file's, when already known)."""
+    return llmsh_home() / "gguf" / f"{sha256 or gguf_sha256(gguf_path)}-{precision}"
+
+
+def _resolve_gguf(path: Path, notice, *, progress: Progress | None = None, sha256: str | None = None,
+                  force: bool = False, announce: bool = True, precision: str = NATIVE) -> Path:
+    """The conversion of the .gguf file ``path`` in ``precision`` (``sha256``: its known digest,
+    not recomputed), converted now under the lock if missing (after a ``notice`` if
+    ``announce``); a concurrent conversion is waited for and reused."""
     from llmsh.convert import convert_gguf
 
-    target = gguf_cache_dir(path) if sha256 is None else llmsh_home() / "gguf" / sha256
+    target = gguf_cache_dir(path, precision, sha256)
     if target.is_dir() and not force:
         return target
     with _locked(target, notice, "converting"):
         if target.is_dir() and not force:
             return target
         if notice and announce:
-            notice(f"converting {path.name} into {target} (once)")
+            what = "its own precision" if precision == NATIVE else precision
+            notice(f"converting {path.name} ({what}) into {target} (once)")
 
         def build(tmp: Path, out: Path) -> dict:
-            convert_gguf(path, out, progress=progress)
-            return {"gguf_path": str(path.resolve()), "sha256": target.name}
+            convert_gguf(path, out, dtype=precision, progress=progress)
+            return {"gguf_path": str(path.resolve()), "sha256": target.name.rpartition("-")[0],
+                    "precision": precision}
 
         _build_atomically(target, build, force=force)
     return target
@@ -321,31 +390,37 @@ def terms_notice(name: str) -> str | None:
 
 def resolve_model(name_or_path=None, *, auto_pull: bool = True,
                   notice: Callable[[str], None] | None = None,
-                  progress: Progress | None = None) -> Path:
+                  progress: Progress | None = None, precision: str = NATIVE) -> Path:
     """Turn what the user passed to -m into a model folder.
 
     In order: an existing folder (returned as is; a pulled registry folder holding a .gguf gives
-    its conversion); an existing ``.gguf`` file (converted once into ``home/gguf/<sha256>``); a
-    registry name (pulled if missing and ``auto_pull``, after a one-line ``notice`` and the
-    model's terms, if any; ``progress`` as for :func:`pull`); a folder name under
-    ``home/models``. None means DEFAULT_MODEL.
+    its conversion); an existing ``.gguf`` file (converted once into
+    ``home/gguf/<sha256>-<precision>``); a registry name (pulled if missing and ``auto_pull``,
+    after a one-line ``notice`` and the model's terms, if any; ``progress`` as for :func:`pull`);
+    a folder name under ``home/models``. None means DEFAULT_MODEL. ``precision``: ``native`` (a
+    GGUF's own, :mod:`llmsh.gguf_precision`) or ``float32`` / ``bfloat16`` / ``float16``
+    (dequantized); a folder converted from a GGUF in its own precision gives the other
+    precisions from that GGUF, converted once.
     Raises ModelNotFoundError with what was tried; PullError / ConvertError from pulling.
     """
     name = str(name_or_path if name_or_path is not None else DEFAULT_MODEL)
     path = Path(name).expanduser()
     if path.is_dir():
-        return _loadable(path, notice=notice, progress=progress)
+        return _loadable(path, notice=notice, progress=progress, precision=precision)
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            return _resolve_gguf(path, notice, progress=progress)
+            return _resolve_gguf(path, notice, progress=progress, precision=precision)
         raise ModelNotFoundError(f"{name} is a file, not a model folder or a .gguf file")
     registry = load_registry()
     local = models_dir() / name
     if name in registry:
-        if local.is_dir():
-            return pull(name, notice=notice, progress=progress)  # fetches nothing; may convert
-        if not auto_pull:
+        if local.is_dir() and (auto_pull or not _stale(registry[name], local)):
+            # fetches nothing (unless an older llmsh's float32 folder is there); may convert
+            return pull(name, notice=notice, progress=progress, precision=precision)
+        if not auto_pull and not local.is_dir():
             raise ModelNotFoundError(f"model {name!r} is not downloaded yet: run `llmsh pull {name}`")
+        if not auto_pull:
+            return _loadable(local, notice=notice, progress=progress, precision=precision)
         try:  # an unusable cache fails before the download notice
             local.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -355,9 +430,9 @@ def resolve_model(name_or_path=None, *, auto_pull: bool = True,
             notice(f"model {name!r} is not here yet: downloading it{f' (~{size / 1e6:.0f} MB)' if size else ''} into {local}")
             if terms_notice(name):
                 notice(terms_notice(name))
-        return pull(name, notice=notice, progress=progress)
+        return pull(name, notice=notice, progress=progress, precision=precision)
     if "/" not in name and os.sep not in name and local.is_dir():
-        return _loadable(local, notice=notice, progress=progress)
+        return _loadable(local, notice=notice, progress=progress, precision=precision)
     if name.lower().endswith(".gguf") or "/" in name or os.sep in name:
         raise ModelNotFoundError(f"no such model file or folder: {name}")
     raise ModelNotFoundError(f"unknown model {name!r}: not a folder, a .gguf file or a known name "
@@ -371,27 +446,32 @@ def _folder_size(p: Path) -> int:
 def list_models() -> list[LocalModel]:
     """Models in the cache, sorted: pulled/user folders under models/, then converted .gguf files.
 
-    A pulled registry model's conversion is counted in its row (size = .gguf + conversion), not
-    listed again under gguf/.
+    A pulled registry model's conversions are counted in its row (size = .gguf + conversions),
+    not listed again under gguf/; a .gguf file's precisions other than native are named so.
     """
     out, folded = [], set()
     gguf_root = llmsh_home() / "gguf"
+    conversions = sorted(p for p in gguf_root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if gguf_root.is_dir() else []
     if models_dir().is_dir():
         for p in sorted(models_dir().iterdir()):
             if not p.is_dir() or p.name.startswith("."):
                 continue
             info = _read_source(p)
             size, sha = _folder_size(p), info.get("sha256") if info.get("gguf") else None
-            if sha and (gguf_root / sha).is_dir():
-                size += _folder_size(gguf_root / sha)
-                folded.add(sha)
+            for c in conversions:
+                if sha and c.name.rpartition("-")[0] == sha:
+                    size += _folder_size(c)
+                    folded.add(c.name)
             out.append(LocalModel(name=p.name, path=p, size_bytes=size,
                                   source="registry" if info.get("name") else ""))
-    if gguf_root.is_dir():
-        for p in sorted(gguf_root.iterdir()):
-            if not p.is_dir() or p.name.startswith(".") or p.name in folded:
-                continue
-            info = _read_source(p)
-            out.append(LocalModel(name=info.get("gguf_path", str(p)), path=p, size_bytes=_folder_size(p),
-                                  source=info.get("gguf_path") or ""))
+    for p in conversions:
+        if p.name in folded:
+            continue
+        info = _read_source(p)
+        name = info.get("gguf_path", str(p))
+        if info.get("precision") not in (None, NATIVE):
+            name += f" ({info['precision']})"       # the same file's other precisions
+        out.append(LocalModel(name=name, path=p, size_bytes=_folder_size(p),
+                              source=info.get("gguf_path") or ""))
     return out

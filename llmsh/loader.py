@@ -80,8 +80,12 @@ def load_model(
         dtype: ``auto`` (float32 on CPU, bfloat16 on GPUs), ``float32``, ``bfloat16``, ``float16``.
         notice: called with one-line messages for the user (e.g. "pulling the default model").
         auto_pull: pull a registry model that is not cached yet.
-        quantize: None, ``"int8"`` or ``"int4"``: weight-only quantization while loading (CPU
-            only; see :func:`llmsh.weights.load_decoder`). ``"none"`` is the same as None.
+        quantize: None or ``"auto"``: the weights' own precision — a GGUF on CPU stays int4 /
+            int8 where its blocks map exactly and is widened to bfloat16 elsewhere
+            (:mod:`llmsh.gguf_precision`); a float checkpoint is cast to ``dtype``. ``"none"``:
+            float weights in ``dtype`` (a GGUF dequantized: with float32, the reference).
+            ``"int8"`` / ``"int4"``: weight-only quantization of the float weights while loading
+            (CPU only; see :func:`llmsh.weights.load_decoder`).
         tensor_parallel: a :class:`llmsh.distributed.Dist`: this rank's share of the model
             (:func:`llmsh.distributed.load_tp_decoder`); rank 0 resolves (and pulls) the model.
         progress: ``(stage, done, total)`` callback of a pull or a conversion, if one happens
@@ -94,12 +98,14 @@ def load_model(
     from .tokenizer import Tokenizer
 
     t0 = time.perf_counter()
+    precision = precision_for(device, quantize, tensor_parallel)
     path = resolve_path(model, auto_pull=auto_pull, notice=notice, tensor_parallel=tensor_parallel,
-                        progress=progress)
+                        progress=progress, precision=precision)
     config = ModelConfig.from_file(path)
     tokenizer = Tokenizer.from_dir(path)
     decoder = build_decoder(path, config, device=device, dtype=dtype, quantize=quantize,
                             tensor_parallel=tensor_parallel)
+    _trim_heap()
     param = next(decoder.parameters())
     return LoadedModel(
         path=Path(path),
@@ -114,11 +120,35 @@ def load_model(
 
 
 
+def _trim_heap() -> None:
+    """Give the loader's freed temporaries back to the OS (glibc keeps freed heap pages, and they
+    count in RSS for the rest of the run). Best effort: a no-op without glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)     # no find_library: it runs ldconfig
+    except (OSError, AttributeError):
+        pass
+
+
+def precision_for(device, quantize, tensor_parallel=None) -> str:
+    """The precision a GGUF-derived model is loaded in (:mod:`llmsh.gguf_precision`): ``native``
+    (the file's own) on CPU when no quantization or float weights were asked for (``quantize``
+    None or "auto"), one process; else ``float32`` (dequantized, then cast or quantized)."""
+    from .weights import resolve_device
+
+    if quantize not in (None, "auto") or tensor_parallel is not None:
+        return "float32"
+    dev = device if hasattr(device, "type") else resolve_device(device)
+    return "native" if dev.type == "cpu" else "float32"
+
+
 def resolve_path(model, *, auto_pull: bool = True, notice: Callable[[str], None] | None = None,
-                 tensor_parallel=None, progress=None) -> Path:
-    """The folder of ``model`` (None: the default model), pulled or converted if needed. In a
-    group (``tensor_parallel``, a :class:`llmsh.distributed.Dist`) rank 0 alone resolves (one
-    pull) and the others get its answer, or its error.
+                 tensor_parallel=None, progress=None, precision: str = "native") -> Path:
+    """The folder of ``model`` (None: the default model) in ``precision`` (see
+    :func:`precision_for`), pulled or converted if needed. In a group (``tensor_parallel``, a
+    :class:`llmsh.distributed.Dist`) rank 0 alone resolves (one pull) and the others get its
+    answer, or its error.
 
     Raises:
         ModelNotFoundError, PullError, ConvertError: as :func:`llmsh.hub.resolve_model`.
@@ -128,7 +158,8 @@ def resolve_path(model, *, auto_pull: bool = True, notice: Callable[[str], None]
 
     def resolve():
         return hub.resolve_model(model if model is not None else hub.DEFAULT_MODEL,
-                                 auto_pull=auto_pull, notice=notice, progress=progress)
+                                 auto_pull=auto_pull, notice=notice, progress=progress,
+                                 precision=precision)
 
     if tensor_parallel is None:
         return resolve()
@@ -148,8 +179,15 @@ def build_decoder(path, config, *, device="auto", dtype="auto", quantize: str | 
                   tensor_parallel=None):
     """The decoder of the folder ``path``: :func:`llmsh.weights.load_decoder`, or in a group
     this rank's share (:func:`llmsh.distributed.load_tp_decoder`; an impossible split is refused
-    before any weight is read). ``quantize``: None, "none", "int8" or "int4"."""
-    quantize = None if quantize in (None, "none") else quantize
+    before any weight is read). ``quantize``: None / "auto" (the folder's own precision), "none"
+    (float weights: a folder in a GGUF's own precision is dequantized), "int8" or "int4"."""
+    if quantize == "none" and tensor_parallel is None:
+        from .gguf_precision import load_manifest
+        from .weights import load_decoder
+
+        if load_manifest(path) is not None:    # float weights asked for: nothing kept quantized
+            return load_decoder(path, config, device=device, dtype=dtype, quantize=None, keep_stored=False)
+    quantize = None if quantize in (None, "none", "auto") else quantize
     if tensor_parallel is None:
         from .weights import load_decoder
 

@@ -126,8 +126,20 @@ class Int4Linear(nn.Module):
                              torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
+    def exact_prefill(self) -> None:
+        """From now on, float32 inputs of more than ``SMALL_M`` rows (prefill, scoring) get a
+        float32 GEMM on the weight dequantized exactly from the packed buffer (block by block,
+        :func:`unpack_packed_int4`) instead of the kernel's bfloat16 arithmetic: a GGUF's exact
+        int4 weights then score as their float32 dequantization does. No-op where torch's
+        packed layout is not the one we read (:func:`packed_layout_known`)."""
+        if self.scales_and_zeros.dtype == torch.float32 and self.out_features % 64 == 0 and packed_layout_known():
+            self.__dict__["_exact_prefill"] = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, sz = x.reshape(-1, self.in_features), self.scales_and_zeros
+        if self.__dict__.get("_exact_prefill") and x.dtype == torch.float32 and x2.shape[0] > SMALL_M:
+            y = F.linear(x2, unpack_packed_int4(self.weight, sz, self.group_size)).reshape(*x.shape[:-1], self.out_features)
+            return y + self.bias if self.bias is not None else y
         if x.dtype == torch.float32:      # the kernel is ~7x slower with float32 inputs
             x2, sz = x2.to(torch.bfloat16), _lp(self, "scales_and_zeros")
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz).to(x.dtype)
@@ -146,6 +158,107 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+
+
+class BF16Linear(nn.Module):
+    """y = x @ W^T + bias for a weight kept in bfloat16 (a GGUF type our int layouts cannot hold
+    exactly, widened; see :mod:`llmsh.gguf_precision`), whatever the activation dtype.
+
+    Buffers: weight (N, K) bfloat16, bias (N,) in the activation dtype or None. Input (..., K),
+    output (..., N) in the input's dtype. float32 inputs: up to ``SMALL_M`` rows (decode) the
+    product is taken in bfloat16 (the CPU's bfloat16 GEMV reads half the bytes); more rows
+    (prefill, scoring) widen the weight to float32, a block of rows at a time, for float32
+    GEMMs, so prefill keeps float32's accuracy.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.bfloat16, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x.dtype == torch.bfloat16:
+            y = F.linear(x2, self.weight)
+        elif x2.shape[0] > SMALL_M:      # widened a block of rows at a time: ~16 MB of float32
+            step = max(1, (4 << 20) // self.in_features)
+            y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
+            for r in range(0, self.out_features, step):
+                torch.matmul(x2, self.weight[r:r + step].to(x.dtype).t(), out=y[:, r:r + step])
+        else:
+            y = F.linear(x2.to(torch.bfloat16), self.weight).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+class BF16Embedding(nn.Module):
+    """An embedding table kept in bfloat16: ids (...) -> (..., C) in ``dtype`` (rows widened)."""
+
+    def __init__(self, num: int, dim: int, dtype, device=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.dtype = num, dim, dtype
+        self.register_buffer("weight", torch.empty(num, dim, dtype=torch.bfloat16, device=device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].to(self.dtype)
+
+
+KEEP_DTYPE = (BF16Linear, BF16Embedding)   # modules whose weights a dtype cast must not touch
+
+
+def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype) -> dict[str, torch.Tensor]:
+    """:class:`Int4Linear` buffers from our stored int4 layout (:mod:`llmsh.gguf_precision`):
+    qweight (N, K/2) uint8 (even column in the low nibble), scales and zeros (N, K/32) float32
+    -> {"weight": packed for the CPU kernel, "scales_and_zeros": (K/32, N, 2) in ``dtype``}."""
+    n, half = qweight.shape
+    q = torch.stack([qweight & 15, qweight >> 4], dim=-1).view(n, 2 * half)     # (N, K) uint8 0…15
+    if n % 64 == 0 and packed_layout_known():
+        # torch's layout (see unpack_packed_int4) built in uint8: no (N, K) int32 copy to convert
+        b = q.view(n // 64, 2, 32, 2 * half)
+        packed = (b[:, 0] | (b[:, 1] << 4)).transpose(1, 2).contiguous().view(n, half)
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    sz = torch.empty(scales.shape[1], n, 2, dtype=dtype)
+    sz[..., 0] = scales.t()
+    sz[..., 1] = zeros.t()
+    return {"weight": packed, "scales_and_zeros": sz}
+
+
+def unpack_packed_int4(packed: torch.Tensor, sz: torch.Tensor, group_size: int = INT4_GROUP) -> torch.Tensor:
+    """The float32 (N, K) weight held by torch's CPU int4 packing (N a multiple of 64) and its
+    scales_and_zeros (K/g, N, 2): ``_convert_weight_to_int4pack_for_cpu`` stores each block of 64
+    rows as K × 32 bytes, byte (k, d) holding row d in its low nibble and row 32 + d in its high
+    one (aten/src/ATen/native/cpu/int4mm_kernel.cpp; checked by :func:`packed_layout_known`)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    p = packed.view(n // 64, k, 32).transpose(1, 2).contiguous()          # (N/64, 32, K) bytes
+    q = torch.cat([p & 15, p >> 4], dim=1).view(n, k // group_size, group_size)   # rows d, then 32 + d
+    scales, zeros = sz[..., 0].t().unsqueeze(-1).float(), sz[..., 1].t().unsqueeze(-1).float()   # (N, K/g, 1)
+    # (q − 8)·scale + zero, as q·scale + (zero − 8·scale): one multiply-add pass over the weight
+    return q.float().mul_(scales).add_(zeros - 8 * scales).view(n, k)
+
+
+_LAYOUT_OK: list = []
+
+
+def packed_layout_known() -> bool:
+    """Whether this torch packs int4 as :func:`unpack_packed_int4` reads it (tried once)."""
+    if not _LAYOUT_OK:
+        q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        sz = torch.stack([torch.ones(2, 128), torch.full((2, 128), 8.0)], dim=-1)   # w = q
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            _LAYOUT_OK.append(tuple(packed.shape) == (128, 32) and torch.equal(unpack_packed_int4(packed, sz), q.float()))
+        except (RuntimeError, AttributeError):
+            _LAYOUT_OK.append(False)
+    return _LAYOUT_OK[0]
+
+
+def unpack_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """The float32 (N, K) weight of our stored int4 layout (see :func:`pack_int4`)."""
+    n = qweight.shape[0]
+    q = torch.stack([qweight & 15, qweight >> 4], dim=-1).reshape(n, -1, INT4_GROUP).float()
+    return ((q - 8) * scales.float()[..., None] + zeros.float()[..., None]).reshape(n, -1)
 
 
 def swap_modules(decoder, mode: str, dtype) -> None:

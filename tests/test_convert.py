@@ -62,7 +62,8 @@ def write_tiny_gguf(path, hf_model, tok, *, quant=QT.F32, tokenizer_model="gpt2"
                     arch="llama", extra=None, add_bos=False):
     """Write ``hf_model`` (a transformers llama) and the trained ``tok`` as a GGUF file.
 
-    quant: type for 2-D weights (F32 or a type gguf.quants.quantize supports); norms stay F32.
+    quant: type for 2-D weights (F32 or a type gguf.quants.quantize supports), or a function of
+    the GGUF tensor name giving it (a mix, as Q4_K_M files have); norms stay F32.
     extra: {gguf_name: ndarray} additional tensors (to provoke errors).
     """
     cfg = hf_model.config
@@ -106,8 +107,9 @@ def write_tiny_gguf(path, hf_model, tok, *, quant=QT.F32, tokenizer_model="gpt2"
         tensors[name] = np.ascontiguousarray(arr, dtype=np.float32)
     tensors.update(extra or {})
     for name, arr in tensors.items():
-        if arr.ndim == 2 and quant != QT.F32 and arr.dtype == np.float32:
-            w.add_tensor(name, gguf.quants.quantize(arr, quant), raw_dtype=quant)
+        q = quant(name) if callable(quant) and not isinstance(quant, QT) else quant
+        if arr.ndim == 2 and q != QT.F32 and arr.dtype == np.float32:
+            w.add_tensor(name, gguf.quants.quantize(arr, q), raw_dtype=q)
         else:
             w.add_tensor(name, arr)
     w.write_header_to_file()

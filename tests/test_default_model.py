@@ -63,12 +63,21 @@ def chat_ref():
 
 @pytest.fixture(scope="session")
 def loaded(model_dir):
+    """The float32 reference: every tensor of the GGUF dequantized (``--dtype float32 --quantize none``)."""
     import torch
 
     from llmsh.loader import load_model
 
     torch.manual_seed(0)
-    return load_model(str(model_dir), device="cpu", dtype="float32")
+    return load_model(str(model_dir), device="cpu", dtype="float32", quantize="none")
+
+
+@pytest.fixture(scope="session")
+def native(model_dir):
+    """The default: the GGUF's own precision (Q4_1 layers int4, exactly; the Q8_0 embedding bfloat16)."""
+    from llmsh.loader import load_model
+
+    return load_model(str(model_dir), device="cpu")
 
 
 def test_config_matches_the_model_card(model_dir):
@@ -174,3 +183,51 @@ def test_chat_defaults_end_replies_by_themselves(loaded, prompt):
     st = s.last_stats
     assert st.finish_reason == "stop" and st.stop_token_id in loaded.eos_ids, (st.generated_tokens, text[-200:])
     assert 0 < st.generated_tokens < CHAT_MAX_TOKENS // 2
+def test_default_precision_is_the_files_own(native, loaded):
+    from llmsh.gguf_precision import describe
+
+    assert native.decoder.quantization == "native" and native.dtype.is_floating_point
+    assert [describe(r) for r in native.decoder.tensor_kinds] == [
+        "Q4_1 → int4 (exact): 210 tensors", "F32 → float32 (exact): 61 tensors",
+        "Q8_0 → bfloat16 (not exact): 1 tensor"]
+    assert getattr(loaded.decoder, "quantization", None) is None      # the reference: plain float32
+
+
+def test_default_precision_answers_paris(native):
+    """The README's first answer, in the default precision. llama.cpp on this file, and these
+    int4 weights through torch's bfloat16 kernel for the prompt too, answer in French (the first
+    token's margin is 0.095 nats): the default's prompt goes through exact float32 GEMMs."""
+    from llmsh.cli.common import encode_chat
+
+    ids = encode_chat(native, [{"role": "user", "content": "What is the capital of France?"}])
+    out, finish = _greedy(native, ids, 24)
+    assert native.tokenizer.decode(out) == "The capital of France is Paris." and finish == "stop"
+
+
+def test_default_precision_perplexity_and_kl_against_float32(native, loaded):
+    """gpl-3.txt by llama.cpp's protocol (n_ctx 512): perplexity within 0.5% of the float32 run on
+    the same weights and mean KL divergence from it at most 0.01 nats per token."""
+    import math
+
+    import torch
+
+    _need_shared()
+    text = (DATA / "gpl-3.txt").read_text(encoding="utf-8")[:-1]
+    ids = torch.tensor(loaded.tokenizer.encode(text, parse_special=False))
+    n_ctx, first = 512, 256
+    nll = {"ref": [], "nat": []}
+    kls = []
+    with torch.inference_mode():
+        for w in range(len(ids) // n_ctx):
+            win = ids[w * n_ctx:(w + 1) * n_ctx][None]
+            target = win[0, first + 1:]
+            lp = {}
+            for key, lm in (("ref", loaded), ("nat", native)):
+                lp[key] = torch.log_softmax(lm.decoder(win, logits_from=first)[0, :-1].double(), -1)
+                nll[key].append(-lp[key].gather(-1, target[:, None])[:, 0])
+            kls.append((lp["ref"].exp() * (lp["ref"] - lp["nat"])).sum(-1))
+    ppl = {k: math.exp(torch.cat(v).mean().item()) for k, v in nll.items()}
+    kl = torch.cat(kls).mean().item()
+    assert torch.cat(kls).numel() == 14 * 255
+    assert abs(ppl["nat"] / ppl["ref"] - 1) < 5e-3, ppl
+    assert kl <= 0.01, kl

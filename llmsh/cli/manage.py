@@ -53,6 +53,8 @@ def info(model, device, dtype, as_json, quantize):
         "adds_bos": bool(tok.add_bos),
         "chat_template": tok.chat_template is not None,
         "load_seconds": round(lm.load_seconds, 3),
+        # a GGUF-derived folder: what each GGUF tensor type became (llmsh.gguf_precision.summary)
+        "tensors": getattr(lm.decoder, "tensor_kinds", None) or [],
     }
     if as_json:
         _json_line(data)
@@ -68,7 +70,8 @@ def info(model, device, dtype, as_json, quantize):
         ("parameters", f"{output.human_count(n_params)} ({n_params:,})"),
         ("dtype", data["dtype"]),
         ("device", data["device"]),
-        ("quantization", data["quantization"]),
+        ("quantization", "native (the GGUF's own precision)" if data["quantization"] == "native"
+         else data["quantization"]),
         ("fused projections", "yes (q/k/v, gate/up)" if data["fused_projections"] else "no"),
         ("context length", f"{cfg.max_position_embeddings} tokens"),
         ("vocabulary", f"{cfg.vocab_size} tokens"),
@@ -78,9 +81,12 @@ def info(model, device, dtype, as_json, quantize):
         ("chat template", "yes" if data["chat_template"] else "no"),
         ("load time", f"{lm.load_seconds:.2f} s"),
     ]
+    from ..gguf_precision import describe
+
+    rows[6:6] = [("tensors" if i == 0 else "", describe(r)) for i, r in enumerate(data["tensors"])]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
-        click.echo(f"{k + ':':<{width + 1}} {v}")
+        click.echo(f"{k + ':' if k else '':<{width + 1}} {v}")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS, short_help="List cached and known models, with sizes.")
@@ -167,8 +173,10 @@ def pull(name, force):
 @click.argument("gguf_file", metavar="MODEL.gguf",
                 type=click.Path(exists=True, dir_okay=False, readable=True))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True, help="dtype of the written weights (Q4/Q8 values are exact in float32).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "native"]), default="float32",
+              show_default=True, help="dtype of the written weights (Q4/Q8 values are exact in float32); "
+                                      "native: the GGUF's own precision (int4/int8 where exact, bfloat16 "
+                                      "elsewhere), as llmsh caches it.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if llmsh wrote it (it holds llmsh-source.json); "
                                            "any other non-empty folder is refused.")
 def convert(gguf_file, out_dir, dtype, force):

@@ -40,7 +40,9 @@ The model used when \\fB\\-m\\fR is not given (a folder, a .gguf file or a regis
 .B LLMSH_HOME
 The model cache (default: the user cache directory, e.g. \\fI~/.cache/llmsh\\fR); pulled models
 live in \\fI$LLMSH_HOME/models/NAME\\fR (a registry model's verified .gguf file), converted .gguf
-files in \\fI$LLMSH_HOME/gguf/SHA256\\fR. Two processes pulling or converting the same model do it
+files in \\fI$LLMSH_HOME/gguf/SHA256\\-PRECISION\\fR (PRECISION \\fBnative\\fR: the file's own,
+int4/int8 where exact and bfloat16 elsewhere, the CPU default; \\fBfloat32\\fR: every tensor
+dequantized, for \\fB\\-\\-quantize none\\fR). Two processes pulling or converting the same model do it
 once: the second waits for the first (a lock file beside the folder) and uses its result.
 .TP
 .B PIP_INDEX_URL, PIP_FIND_LINKS, ...
