@@ -383,6 +383,18 @@ def _resolve_gguf(path: Path, notice, *, progress: Progress | None = None, sha25
     return target
 
 
+def display_name(folder) -> str:
+    """What to call the model in ``folder`` for a user: a pulled registry model's name, the
+    .gguf file's name for a converted file, else the folder's name (not a sha256 cache key)."""
+    folder = Path(folder)
+    gguf_path = _read_source(folder).get("gguf_path")
+    if isinstance(gguf_path, str) and gguf_path:
+        origin = Path(gguf_path)
+        name = _read_source(origin.parent).get("name")
+        return name if isinstance(name, str) and name else origin.name
+    return folder.name
+
+
 def terms_notice(name: str) -> str | None:
     """The terms a user must be shown for registry model ``name`` (e.g. Gemma's), or None."""
     return load_registry().get(name, {}).get("terms")

@@ -39,6 +39,13 @@ class LoadedModel:
     load_seconds: float = 0.0
 
     @property
+    def name(self) -> str:
+        """The model's name for people (registry name, .gguf file name or folder name)."""
+        from .hub import display_name
+
+        return display_name(self.path)
+
+    @property
     def n_ctx_max(self) -> int:
         """The model's trained context length in tokens (``max_position_embeddings``)."""
         return int(self.config.max_position_embeddings)

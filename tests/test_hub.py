@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -645,3 +646,13 @@ def test_every_registry_model_is_documented():
         assert f"`{name}`" in readme and name in man, name
     terms = hub.terms_notice("gemma-3-270m")
     assert terms in " ".join(readme.split()) and terms in " ".join(man.split())
+
+
+def test_a_model_is_named_for_people_not_by_its_cache_key(home, monkeypatch, fake_pip, tiny_gguf):
+    """The conversion's folder is a sha256: logs, the chat banner and the server's model id say
+    the registry name, or the .gguf file's name, instead."""
+    assert hub.display_name(hub.resolve_model(str(tiny_gguf[0]))) == tiny_gguf[0].name
+    assert hub.display_name(home) == home.name                  # any other folder: its own name
+    _use_registry(monkeypatch, _registry(tiny_gguf[1]))
+    shutil.rmtree(home / "gguf")
+    assert hub.display_name(hub.pull("tiny")) == "tiny"                  # any other folder: its own name

@@ -292,4 +292,4 @@ def require_chat_template(lm, model: str | None, hint: str) -> None:
     from ..template import NO_TEMPLATE, NoChatTemplateError
 
     if lm.tokenizer.chat_template is None:
-        raise NoChatTemplateError(f"{model or lm.path.name} {NO_TEMPLATE}: {hint}")
+        raise NoChatTemplateError(f"{model or lm.name} {NO_TEMPLATE}: {hint}")

@@ -69,7 +69,7 @@ def record_generate(store: LogStore | None, lm, *, kind: str, system: str | None
             if not reply:
                 return
             stats.finish_reason = "interrupted"
-        store.record(Exchange(new_conversation_id(), kind, prompt, reply, model=lm.path.name,
+        store.record(Exchange(new_conversation_id(), kind, prompt, reply, model=lm.name,
                               model_path=str(lm.path), options=options, system=system,
                               **_stats_fields(stats)))
     except LogError as e:
@@ -123,7 +123,7 @@ class ChatLogger:
             fields["completion_tokens"] = len(reply.ids)
         try:
             row = self.store.record(Exchange(
-                cid, "chat", prompt.content, reply.content, model=m.path.name, model_path=str(m.path),
+                cid, "chat", prompt.content, reply.content, model=m.name, model_path=str(m.path),
                 options=options(session.params, max_tokens=session.max_tokens, n_ctx=session.n_ctx),
                 system=session.system, context=context, parent_id=parent, **fields))
         except LogError as e:

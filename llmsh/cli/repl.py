@@ -275,7 +275,7 @@ def _prompt_loop(session: ChatSession, p: Printer, stats: bool, history, input, 
     keys = sys.stdin if input is None else None  # the terminal prompt-toolkit reads
     state = {"stats": stats}
     commands = SlashCommands(session, p, state)
-    p.info(f"llmsh chat with {session.model.path.name}: /help for commands, Ctrl-D to leave")
+    p.info(f"llmsh chat with {getattr(session.model, 'name', None) or session.model.path.name}: /help for commands, Ctrl-D to leave")
     while True:
         try:
             text = read_message(lambda prompt: ps.prompt(prompt), notice=lambda t: p.info(t, "yellow"))

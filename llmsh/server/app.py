@@ -486,7 +486,7 @@ def create_app(lm, *, model_id: str | None = None, n_ctx: int | None = None, api
 
     if n_ctx is None:
         n_ctx = min(lm.n_ctx_max, DEFAULT_N_CTX_CAP)
-    api = API(lm, model_id=model_id or lm.path.name, n_ctx=n_ctx, max_queue=max_queue, max_body=max_body)
+    api = API(lm, model_id=model_id or lm.name, n_ctx=n_ctx, max_queue=max_queue, max_body=max_body)
 
     @asynccontextmanager
     async def lifespan(app):
