@@ -315,3 +315,15 @@ def test_ppl_after_ctrl_c_each_line_and_kl_base(bos_model, llmsh_home, tmp_path,
     res = _ppl(["-m", str(bos_model), "-c", "16", "--kl-base", str(ref), str(lines)])
     assert "[interrupted: 112 of " in res.stdout and "no reference saved" in res.stderr
     assert not ref.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["lines.txt", "llmsh-home"]
+
+
+def test_ctrl_c_before_any_token_leaves_the_per_token_file_alone(bos_model, llmsh_home, tmp_path, ctrl_c_at):
+    from cli_fixtures import LONG_TEXT
+
+    a, rows = tmp_path / "a.txt", tmp_path / "rows.tsv"
+    a.write_text(LONG_TEXT)
+    rows.write_text("kept\n")
+    ctrl_c_at(1)                                        # the first forward pass: nothing scored
+    res = _ppl(["-m", str(bos_model), "-c", "16", "--per-token", str(rows), str(a)])
+    assert "no tokens scored" in res.stdout and "rows are in" not in res.stderr
+    assert rows.read_text() == "kept\n" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "llmsh-home", "rows.tsv"]

@@ -137,3 +137,12 @@ def test_refused_combinations(chat_model, tmp_path, llmsh_home):
     one_line_error(run(m + ["--show", "--stride", "8", "--all-tokens"]), code=2)
     one_line_error(run(["ppl", "--show", "-m", str(chat_model)], input="a"), "<stdin>", "at least 2")
     one_line_error(run(["ppl", "--show", "-m", str(chat_model), str(tmp_path / "nope")]), "nope")
+
+
+def test_a_carriage_return_is_not_printed():
+    """A CRLF file's \\r would return the terminal's cursor and overwrite the line's start."""
+    from llmsh.cli.show import annotated, display_units
+
+    units = display_units(["Hello", " world", ".", "\r", "\n", "Next"], [None, 1.0, 1.0, 2.0, 0.5, 1.0])
+    text = annotated(units)
+    assert "\r" not in text and text.startswith("Hello world[1.4].[1.4][2.9][0.7]\nNext")

@@ -280,11 +280,15 @@ def _report_interrupted(results, stopped, *, as_json, each_line, tok, per_token_
             click.echo(json.dumps({**_result_dict(None, total), "total": True, "interrupted": True}))
         else:
             click.echo(_result_line("total", total) + " [interrupted]")
-    if per_token_file is not None:
-        _write_per_token(per_token_file, results, tok)
-        per_token_file.commit()
     n = sum(x.n_tokens for _, x in results)
-    where = getattr(per_token_file, "path", None)
+    where = None
+    if per_token_file is not None:
+        if n:
+            _write_per_token(per_token_file, results, tok)
+            per_token_file.commit()
+            where = getattr(per_token_file, "path", None)
+        else:                   # nothing scored: an existing file is left as it was
+            per_token_file.discard()
     output.notice(f"interrupted: {n} token{'s' if n != 1 else ''} scored"
                   + (f" (their rows are in {where})" if where else "")
                   + ("; no KL divergence reported and no reference saved" if kl else ""))

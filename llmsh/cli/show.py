@@ -147,7 +147,11 @@ def display_units(pieces: list[str], nll: list[float | None]) -> list[tuple[str,
     for piece, x in zip(pieces, nll):
         if x is not None:
             acc, scored = acc + x / LN2, True
-        if piece:
+        # A carriage return (CRLF files) would send the terminal's cursor back over the line:
+        # not printed, its surprisal still shown.
+        was_cr = "\r" in piece
+        piece = piece.replace("\r", "")
+        if piece or was_cr:
             units.append((piece, acc if scored else None))
             acc, scored = 0.0, False
     return units
