@@ -102,7 +102,8 @@ def generate_remote(url: str, text: str, *, chat_mode: bool | None, system: str 
     from .common import timings
 
     server = Server(url)
-    body = {"max_tokens": max_tokens, "stream": not as_json, "llmsh": {"fit_context": True, "details": True},
+    # --json streams too, so that a Ctrl-C still prints what was generated (as without --server)
+    body = {"max_tokens": max_tokens, "stream": True, "llmsh": {"fit_context": True, "details": True},
             **{k: v for k, v in sampling.items() if v is not None}}
     if stop:
         body["stop"] = list(stop)
@@ -115,28 +116,34 @@ def generate_remote(url: str, text: str, *, chat_mode: bool | None, system: str 
         body["messages"] = ([{"role": "system", "content": system}] if system else []) + \
             [{"role": "user", "content": text}]
     resp = server.post(path, body)
+    out = None if as_json else output.StreamWriter()
+    d, finish, pieces = None, None, []
+    try:
+        for chunk in server.events(resp):
+            if "llmsh" in chunk:
+                d = chunk["llmsh"]
+            for c in chunk.get("choices") or []:
+                piece = c["delta"].get("content") if "delta" in c else c.get("text")
+                finish = c.get("finish_reason") or finish
+                if piece:
+                    pieces.append(piece)
+                    if out is not None:
+                        out.write(piece)
+    except KeyboardInterrupt:
+        resp.close()            # the server stops at its next token
+        if as_json:             # what was generated so far; its ids and timings are the server's
+            click.echo(json.dumps({"text": "".join(pieces), "tokens": [], "finish_reason": "interrupted",
+                                   "prompt_tokens": None, "completion_tokens": None, "n_ctx": None,
+                                   "timings": None}, ensure_ascii=False))
+        raise click.exceptions.Exit(130) from None
+    finally:
+        if out is not None:
+            out.finish()
     if as_json:
-        reply = json.loads(resp.read())
-        choice = reply["choices"][0]
-        d = reply["llmsh"]
         st = _stats(d["stats"])
-        text_out = choice["message"]["content"] if "message" in choice else choice["text"]
-        click.echo(json.dumps({"text": text_out, "tokens": d["token_ids"], "finish_reason": choice["finish_reason"],
+        click.echo(json.dumps({"text": "".join(pieces), "tokens": d["token_ids"], "finish_reason": finish,
                                "prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens,
                                "n_ctx": d["n_ctx"], "timings": timings(st)}, ensure_ascii=False, allow_nan=False))
-    else:
-        out = output.StreamWriter()
-        d = None
-        try:
-            for chunk in server.events(resp):
-                if "llmsh" in chunk:
-                    d = chunk["llmsh"]
-                for c in chunk.get("choices") or []:
-                    piece = c["delta"].get("content") if "delta" in c else c.get("text")
-                    if piece:
-                        out.write(piece)
-        finally:
-            out.finish()
     if stats and d is not None:
         output.notice(output.stats_line(_stats(d["stats"]), context_used=d["context_used"], n_ctx=d["n_ctx"]))
 
