@@ -228,7 +228,7 @@ def test_no_command_with_piped_stdin_generates(chat_model, llmsh_home):
 
 
 def test_chat_with_piped_stdin(chat_model, llmsh_home):
-    r = ok(["chat", "-m", str(chat_model), "-n", "3", "--no-history"], input="Hello\n")
+    r = ok(["chat", "-m", str(chat_model), "-n", "8", "-t", "0", "--no-history"], input="Hello\n")
     assert r.stdout.endswith("\n") and "\x1b" not in r.stdout
     one_line_error(run(["chat", "-m", str(chat_model)], input=""), "empty")
 

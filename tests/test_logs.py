@@ -235,7 +235,7 @@ def test_unusable_log_is_a_warning_and_generate_and_chat_still_work(log, chat_mo
     r = ok(["generate", "-m", str(chat_model), "-n", "8", "hi"])    # (3 tokens may be one cut character)
     assert r.stdout.strip() and r.stderr.count("\n") == 1
     assert r.stderr.startswith("llmsh: warning: not logging this run: cannot use the log")
-    r = ok(["chat", "-m", str(chat_model), "-n", "3"], input="hello\n")
+    r = ok(["chat", "-m", str(chat_model), "-n", "8", "-t", "0"], input="hello\n")
     assert r.stdout.strip() and "warning: not logging" in r.stderr
     assert log.read_bytes() == junk
     r = run(["logs"])
