@@ -34,24 +34,27 @@ REFS = {QWEN: "qwen2.5-coder-0.5b.json", GEMMA: "gemma-3-270m.json"}
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    """name -> LoadedModel of the GGUF, float32, converted into a cache of this test module."""
+    """name -> LoadedModel of the GGUF, float32 (every tensor dequantized: ``--dtype float32
+    --quantize none``), converted into a cache of this test module; ``get(name, "auto")``: in
+    the GGUF's own precision (the default)."""
     from llmsh.loader import load_model
 
     cache, paths = {}, {}
 
-    def get(name):
-        if name not in cache:
-            path = paths[name] = gguf_file(name, tmp_path_factory.mktemp("fetch"))
+    def get(name, quantize="none"):
+        if (name, quantize) not in cache:
+            path = paths[name] = paths.get(name) or gguf_file(name, tmp_path_factory.mktemp("fetch"))
             old = os.environ.get("LLMSH_HOME")
             os.environ["LLMSH_HOME"] = str(tmp_path_factory.mktemp("home"))
             try:
-                cache[name] = load_model(path, device="cpu", dtype="float32", quantize=None, auto_pull=False)
+                cache[name, quantize] = load_model(path, device="cpu", dtype="float32", quantize=quantize,
+                                                   auto_pull=False)
             finally:
                 if old is None:
                     os.environ.pop("LLMSH_HOME", None)
                 else:
                     os.environ["LLMSH_HOME"] = old
-        return cache[name]
+        return cache[name, quantize]
     get.gguf_path = paths.__getitem__   # the GGUF file a loaded model came from
     return get
 
@@ -104,6 +107,34 @@ def test_qwen_perplexity_within_0_05_percent_of_transformers(loaded):
     ref = reference(REFS[QWEN])["transformers_fp32_dequantized"]["perplexity_c512"]["gpl-3"]
     ppl = _ppl(loaded(QWEN), ref)
     assert abs(ppl / ref["ppl"] - 1) <= 5e-4, (ppl, ref["ppl"])
+
+
+def test_qwen_own_precision_perplexity_and_kl(loaded):
+    """The Q4_K_M file in its own precision (the default: int4 where exact, bfloat16 elsewhere):
+    perplexity of gpl-3 (llama.cpp's protocol, n_ctx 512) within 1% of llama.cpp's on the same
+    file, and mean KL divergence from the float32 run at most 0.01 nats per token."""
+    import math
+
+    ref = reference(REFS[QWEN])["llamacpp"]["perplexity_c512"]["gpl-3"]
+    f32, nat = loaded(QWEN), loaded(QWEN, "auto")
+    assert getattr(nat.decoder, "quantization", None) == "native"
+    ids = torch.tensor(f32.tokenizer.encode(_gpl3()))
+    assert len(ids) == ref["tokens"]
+    n_ctx, first = 512, 256
+    nll, kls = [], []
+    with torch.inference_mode():
+        for w in range(len(ids) // n_ctx):
+            win = ids[w * n_ctx:(w + 1) * n_ctx][None]
+            target = win[0, first + 1:]
+            lp_ref = torch.log_softmax(f32.decoder(win, logits_from=first)[0, :-1].double(), -1)
+            lp_nat = torch.log_softmax(nat.decoder(win, logits_from=first)[0, :-1].double(), -1)
+            nll.append(-lp_nat.gather(-1, target[:, None])[:, 0])
+            kls.append((lp_ref.exp() * (lp_ref - lp_nat)).sum(-1))
+    nll, kl = torch.cat(nll), torch.cat(kls)
+    assert nll.numel() == ref["scored"]
+    ppl = math.exp(nll.mean().item())
+    assert abs(ppl / ref["ppl"] - 1) <= 0.01, (ppl, ref["ppl"])
+    assert kl.mean().item() <= 0.01, kl.mean().item()
 
 
 def test_gemma_config_as_llamacpp_reads_it(loaded):
