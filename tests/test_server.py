@@ -178,6 +178,15 @@ def test_stop_string_is_cut(client):
 TEXT = "The quick brown fox jumps over the lazy dog. Hello, how are you today?"
 
 
+def test_streamed_echo_with_logprobs_is_refused_not_null(client):
+    """The echoed prompt's chunk would go out before its log-probabilities exist."""
+    r = client.post("/v1/completions", json={"prompt": "The capital", "max_tokens": 2, "stream": True,
+                                             "echo": True, "logprobs": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+    r = client.post("/v1/completions", json={"prompt": "The capital", "max_tokens": 2, "stream": True, "echo": True})
+    assert r.status_code == 200          # echo alone streams as before
+
+
 def test_echo_logprobs_equal_llmsh_ppl_per_token(client, chat_model, tmp_path):  # noqa: F811
     src = tmp_path / "t.txt"
     src.write_text(TEXT, encoding="utf-8")

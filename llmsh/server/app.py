@@ -331,6 +331,12 @@ class API:
         params = self._params(req)
         k = req.logprobs
         echo_k = k if (req.echo and k is not None) else None
+        if echo_k is not None and req.stream:
+            # The echoed prompt's chunk goes out before its log-probabilities exist: refused rather
+            # than streamed with "logprobs": null (what lm-evaluation-harness reads is the reply of
+            # a request without stream).
+            raise APIError(400, "echo with logprobs gives the prompt's log-probabilities only without "
+                                "streaming: set stream to false", param="stream")
         st, stops = self.state, req.stops()
 
         def run(job):
