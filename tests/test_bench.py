@@ -211,11 +211,11 @@ def test_generate_compile_option(bos_model, llmsh_home, monkeypatch, tmp_path):
     assert json.loads(_cli(base).stdout)["tokens"] == want     # default: automatic, eager for -n 8
     assert not calls
     # chat takes the options too (one piped message, answered once).
-    res = _cli(["chat", "-m", str(bos_model), "--chat-template", "chatml", "-n", "4", "--no-history", "--compile"],
+    res = _cli(["chat", "-m", str(bos_model), "--chat-template", "chatml", "-n", "8", "-t", "0", "--no-history", "--compile"],
                input="Hi\n")
     assert calls and res.stdout.strip()
     calls.clear()
-    res = _cli(["chat", "-m", str(bos_model), "--chat-template", "chatml", "-n", "4", "--no-history", "--quantize", "int8",
+    res = _cli(["chat", "-m", str(bos_model), "--chat-template", "chatml", "-n", "8", "-t", "0", "--no-history", "--quantize", "int8",
                 "--compile"], input="Hi\n")
     assert calls and "compiled the decode step" in res.stderr and res.stdout.strip()
 

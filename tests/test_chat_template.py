@@ -154,7 +154,8 @@ def test_bare_prompt_and_chat_take_the_template(bos_model, llmsh_home, tmp_path)
     a = ok(["-m", str(bos_model), "--chat-template", str(t), *same]).stdout
     b = ok(["generate", "-m", str(bos_model), "--chat-template", str(t), *same]).stdout
     assert json.loads(a)["tokens"] == json.loads(b)["tokens"]
-    r = ok(["chat", "-m", str(bos_model), "--chat-template", str(t), "-n", "3", "--no-history", "--no-log"],
+    r = ok(["chat", "-m", str(bos_model), "--chat-template", str(t), "-n", "8", "-t", "0", "--no-history",
+            "--no-log"],
            input="hi\n")
     assert r.stdout.strip() and "Traceback" not in r.stderr
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import os
 import re
 import signal
@@ -435,6 +436,9 @@ def test_ctrl_c_mid_reply_on_a_real_terminal(chat_model, tmp_path, flag):  # noq
         t.wait_for(b"Steps:")
         start = t.seen.rindex(b"\x1b[?2004l")  # prompt-toolkit is done with the line: the reply
         t.wait_for(b"Done.", 2)  # the second time round
+        # With Markdown, live redraws repeat "Done." before the reply has gone round twice: give it
+        # time to (about 0.3 s a round at 10 ms a token).
+        time.sleep(1.5)
         t.type(b"\x03")
         t.wait_for(b"[interrupted")
         t.wait_for(b">>>", 2)
