@@ -47,15 +47,23 @@ class Server:
     def post(self, path: str, body: dict):
         """POST ``body`` as JSON; the open response (status 200). Raises InputError: the server
         cannot be reached (naming the URL), or it answered an error (its message)."""
+        return self._request("POST", path, json.dumps(body).encode(), timeout=600)
+
+    def get(self, path: str) -> bytes:
+        """GET ``path``; the body of the response (status 200). Raises InputError as :meth:`post`."""
+        return self._request("GET", path, None, timeout=30).read()
+
+    def _request(self, method: str, path: str, body: bytes | None, *, timeout: float):
         import http.client
 
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        conn = cls(self.host, self.port, timeout=600)
-        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        conn = cls(self.host, self.port, timeout=timeout)
+        headers = {} if body is None else {"Content-Type": "application/json",
+                                           "Accept": "application/json, text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         try:
-            conn.request("POST", self.base + path, body=json.dumps(body).encode(), headers=headers)
+            conn.request(method, self.base + path, body=body, headers=headers)
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
             reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
@@ -148,18 +156,30 @@ def generate_remote(url: str, text: str, *, chat_mode: bool | None, system: str 
         output.notice(output.stats_line(_stats(d["stats"]), context_used=d["context_used"], n_ctx=d["n_ctx"]))
 
 
+def _given(*params: str) -> str | None:
+    """The first of ``params`` (click parameter names) given on this command's line, as its
+    option name (``--n-ctx``), or None: the options that belong to the server in client mode."""
+    ctx = click.get_current_context()
+    for p in params:
+        src = ctx.get_parameter_source(p)
+        if src is not None and src.name == "COMMANDLINE":
+            return "--" + {"compile_": "compile"}.get(p, p).replace("_", "-")
+    return None
+
+
+def _refuse_the_servers(*params: str) -> None:
+    name = _given(*params)
+    if name:
+        raise click.UsageError(f"{name} is the server's (given to llmsh serve): drop it with --server")
+
+
 def remote_generate(server, prompt, chat_mode, system, max_tokens, n_ctx, stop, stats, as_json, errors,
                     sampling) -> None:
     """The ``generate`` command with ``--server``: checks what only applies to a local model,
     reads the prompt as without a server, and asks the server."""
     from .common import arg_text, read_prompt
 
-    ctx = click.get_current_context()
-    local = [p for p in ("model", "n_ctx", "quantize", "compile_", "tp")
-             if ctx.get_parameter_source(p) is not None and ctx.get_parameter_source(p).name == "COMMANDLINE"]
-    if local:
-        name = {"compile_": "compile", "n_ctx": "n-ctx"}.get(local[0], local[0])
-        raise click.UsageError(f"--{name} is the server's (given to llmsh serve): drop it with --server")
+    _refuse_the_servers("model", "n_ctx", "quantize", "compile_", "tp")
     text = read_prompt(prompt, errors)
     system = None if system is None else arg_text(system, "the --system value", errors)
     generate_remote(server, text, chat_mode=chat_mode, system=system, max_tokens=max_tokens, sampling=sampling,
@@ -184,9 +204,7 @@ class _RemoteTokenizer:
 
 def remote_tokenizer(url: str) -> _RemoteTokenizer:
     """``tokenize --server URL``: -m and the model options belong to the server then."""
-    ctx = click.get_current_context()
-    if ctx.get_parameter_source("model") is not None and ctx.get_parameter_source("model").name == "COMMANDLINE":
-        raise click.UsageError("--model is the server's (given to llmsh serve): drop it with --server")
+    _refuse_the_servers("model")
     return _RemoteTokenizer(Server(url))
 
 
@@ -197,10 +215,9 @@ def remote_perplexity(url: str, sources: list[str], *, n_ctx: int | None, stride
     from . import output
 
     ctx = click.get_current_context()
-    for p in ("model", "quantize", "tp", "each_line", "kl_base", "kl_divergence"):
-        src = ctx.get_parameter_source(p)
-        if src is not None and src.name == "COMMANDLINE":
-            raise click.UsageError(f"--{p.replace('_', '-')} does not work with --server")
+    name = _given("model", "quantize", "tp", "each_line", "kl_base", "kl_divergence")
+    if name:
+        raise click.UsageError(f"{name} does not work with --server")
     if len(sources) > 1:
         raise click.UsageError("with --server, give one FILE (or stdin)")
     server = Server(url)
@@ -242,7 +259,7 @@ def _chat_session_class():
         A conversation that outgrows the context is the server's 400, not a dropped exchange."""
 
         def __init__(self, server: Server, *, system=None, params: dict, max_tokens=None):
-            health = json.loads(_get(server, "/health"))
+            health = json.loads(server.get("/health"))
             self.server = server
             from pathlib import PurePosixPath
 
@@ -321,28 +338,6 @@ def _chat_session_class():
     return RemoteChatSession
 
 
-def _get(server: Server, path: str) -> bytes:
-    import http.client
-
-    cls = http.client.HTTPSConnection if server.scheme == "https" else http.client.HTTPConnection
-    conn = cls(server.host, server.port, timeout=30)
-    headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
-    try:
-        conn.request("GET", server.base + path, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
-    except (OSError, http.client.HTTPException) as e:
-        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        raise InputError(f"cannot reach the llmsh server at {server.url}: {reason}") from None
-    if resp.status != 200:
-        try:
-            msg = json.loads(data)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            msg = f"HTTP {resp.status} {resp.reason}"
-        raise InputError(f"the server at {server.url}: {msg}")
-    return data
-
-
 def remote_chat(url: str, *, system, max_tokens, sampling: dict, stats: bool, history: bool, piped,
                 markdown: bool | None = None) -> int:
     """``llmsh chat --server URL``: the chat shell (or the one piped message) over the server."""
@@ -350,12 +345,7 @@ def remote_chat(url: str, *, system, max_tokens, sampling: dict, stats: bool, hi
 
     from .repl import run_chat
 
-    ctx = click.get_current_context()
-    for p in ("model", "n_ctx", "quantize", "compile_"):
-        src = ctx.get_parameter_source(p)
-        if src is not None and src.name == "COMMANDLINE":
-            name = {"compile_": "compile", "n_ctx": "n-ctx"}.get(p, p)
-            raise click.UsageError(f"--{name} is the server's (given to llmsh serve): drop it with --server")
+    _refuse_the_servers("model", "n_ctx", "quantize", "compile_")
     session = _chat_session_class()(Server(url), system=system, params=sampling, max_tokens=max_tokens)
     return run_chat(None, session=session, stats=stats, history=history, markdown=markdown,
                     stdin=io.StringIO(piped) if piped is not None else None)
