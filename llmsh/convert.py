@@ -46,11 +46,6 @@ def _config(meta: dict, shapes: dict, torch_dtype: str, extra: dict | None = Non
     return gguf_config.hf_config(meta, shapes, torch_dtype, extra)
 
 
-def _arch_of(cfg: dict) -> str:
-    """The GGUF architecture name of a config this module wrote (gemma3_text -> gemma3)."""
-    return {"gemma3_text": "gemma3"}.get(cfg["model_type"], cfg["model_type"])
-
-
 def _plan(reader, arch: str) -> tuple[list, dict]:
     """([(hf name, GGUF tensor, HF shape)] sorted by name, {config tensor: float32 array}).
 
